@@ -1,0 +1,1 @@
+"""The primitives, one family per module. Import them from the flat ``gradtx`` namespace."""

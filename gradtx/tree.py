@@ -1,0 +1,132 @@
+"""Tree math used by the transforms: leaf-wise maps with clear mismatch errors, norms, casts.
+
+Everything here works on any pytree (dicts, lists, tuples, Flax NNX ``State``, Linen dicts) and is
+pure and jit-friendly. The structure checks happen at trace time only and cost nothing at run time.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "TreeMismatchError", "map_leaves", "zeros_like", "cast", "global_norm", "leaf_norms",
+    "first_difference", "keystr", "full_like",
+]
+
+
+class TreeMismatchError(ValueError):
+    """A gradient tree does not match a transform's state or the parameters."""
+
+
+def keystr(path) -> str:
+    return jax.tree_util.keystr(tuple(path)) or "<root>"
+
+
+def first_difference(a, b) -> str:
+    """Describe the first path at which two pytrees differ in structure."""
+    a_leaves = jax.tree_util.tree_flatten_with_path(a)[0]
+    b_leaves = jax.tree_util.tree_flatten_with_path(b)[0]
+    a_paths = [keystr(p) for p, _ in a_leaves]
+    b_paths = [keystr(p) for p, _ in b_leaves]
+    for i, (pa, pb) in enumerate(zip(a_paths, b_paths)):
+        if pa != pb:
+            return f"at leaf {i}: {pa} vs {pb}"
+    if len(a_paths) != len(b_paths):
+        longer, which = (a_paths, "first") if len(a_paths) > len(b_paths) else (b_paths, "second")
+        return (f"{len(a_paths)} vs {len(b_paths)} leaves; the {which} tree has extra leaf "
+                f"{longer[min(len(a_paths), len(b_paths))]}")
+    return (f"same leaf paths but different container types: "
+            f"{jax.tree.structure(a)} vs {jax.tree.structure(b)}")
+
+
+def _check_leaf(owner, path, u, other, what, same_shape, inexact):
+    if inexact and not jnp.issubdtype(jnp.result_type(u), jnp.inexact):
+        raise TypeError(f"{owner}: the update at {keystr(path)} has dtype {jnp.result_type(u)}; "
+                        f"expected a floating-point gradient (cast integer data before "
+                        f"differentiating, or freeze that leaf).")
+    if same_shape and other is not None and np.shape(u) != np.shape(other):
+        raise TreeMismatchError(
+            f"{owner}: the update at {keystr(path)} has shape {np.shape(u)} but its {what} has "
+            f"shape {np.shape(other)}; was the state initialised with different parameters?")
+
+
+def map_leaves(owner: str, fn: Callable, updates, *others, names: Sequence[str] = (),
+               outputs: int = 1, same_shape: bool = True, inexact: bool = True):
+    """Map ``fn(u, *o)`` over the leaves of ``updates`` and trees of the same structure.
+
+    ``others`` are state trees (or the params) that must have exactly the structure of ``updates``;
+    ``names`` name them in errors. A mismatch raises :class:`TreeMismatchError` naming ``owner`` (the
+    transform) and the first differing path; with ``same_shape`` each pair of leaves must have the
+    same shape; with ``inexact`` integer/bool updates raise ``TypeError``. With ``outputs > 1``,
+    ``fn`` returns a tuple and a tuple of trees is returned.
+    """
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    paths = [p for p, _ in leaves_with_path]
+    leaves = [x for _, x in leaves_with_path]
+    columns = []
+    names = list(names) + [f"argument {i + 2}" for i in range(len(names), len(others))]
+    for name, tree in zip(names, others):
+        other_leaves, other_def = jax.tree.flatten(tree)
+        if other_def != treedef:
+            raise TreeMismatchError(
+                f"{owner}: the updates do not have the structure of its {name} "
+                f"({first_difference(updates, tree)}). Initialise the optimizer with the same "
+                f"parameter tree you pass gradients for.")
+        columns.append(other_leaves)
+    results = []
+    for i, (path, u) in enumerate(zip(paths, leaves)):
+        row = [col[i] for col in columns]
+        _check_leaf(owner, path, u, row[0] if row else None, names[0] if names else "",
+                    same_shape, inexact)
+        results.append(fn(u, *row))
+    if outputs == 1:
+        return treedef.unflatten(results)
+    return tuple(treedef.unflatten([r[k] for r in results]) for k in range(outputs))
+
+
+def zeros_like(tree, dtype: Any = None):
+    """Zeros shaped like each leaf; ``dtype=None`` keeps each leaf's dtype.
+
+    Works on abstract leaves (``jax.ShapeDtypeStruct``) and on Flax ``Variable`` wrappers (the map
+    reaches the arrays inside them).
+    """
+    return jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), dtype or jnp.result_type(x)), tree)
+
+
+def full_like(tree, value, dtype: Any = None):
+    """Constant-filled arrays shaped like each leaf."""
+    return jax.tree.map(lambda x: jnp.full(jnp.shape(x), value, dtype or jnp.result_type(x)), tree)
+
+
+def cast(tree, dtype):
+    """Cast every leaf to ``dtype`` (no-op for leaves already of that dtype)."""
+    return jax.tree.map(lambda x: x if x.dtype == dtype else x.astype(dtype), tree)
+
+
+def _sum_of_squares(x):
+    x = jnp.asarray(x)
+    wide = jnp.float64 if x.dtype in (jnp.float64, jnp.complex128) else jnp.float32
+    if jnp.iscomplexobj(x):
+        return jnp.sum(jnp.real(x * jnp.conj(x))).astype(wide)
+    x = x.astype(wide)
+    return jnp.sum(x * x)
+
+
+def global_norm(tree) -> jax.Array:
+    """The L2 norm of all leaves together, accumulated in float32 (float64 under x64 leaves)."""
+    squares = [_sum_of_squares(x) for x in jax.tree.leaves(tree)]
+    if not squares:
+        return jnp.zeros((), jnp.float32)
+    total = squares[0]
+    for s in squares[1:]:
+        total = total + s.astype(total.dtype)
+    return jnp.sqrt(total)
+
+
+def leaf_norms(tree):
+    """The L2 norm of each leaf (float32 scalars), as a tree of the same structure."""
+    return jax.tree.map(lambda x: jnp.sqrt(_sum_of_squares(x)), tree)
