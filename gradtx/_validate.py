@@ -116,7 +116,8 @@ def check_dtype(owner: str, name: str, value: Any):
         except TypeError:
             raise TypeError(f"{owner}: {name}={value!r} is not a dtype; expected e.g. "
                             f"'float32', 'bfloat16' or None.") from None
-    if not np.issubdtype(dt, np.inexact):
+    import jax.numpy as jnp
+    if not jnp.issubdtype(dt, jnp.inexact):  # np.issubdtype rejects ml_dtypes' bfloat16
         raise ValueError(f"{owner}: {name}={value!r} is not a floating-point dtype; expected e.g. "
                          f"'float32', 'bfloat16', 'float16' or None.")
     return dt.name

@@ -7,6 +7,7 @@ low-precision leaves is done in float32 and rounded once when stored.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -72,7 +73,12 @@ def bias_correction(decay: Any, count: jax.Array) -> jax.Array:
     """``1 - decay**count`` in float32, accurate for decay close to 1.
 
     Computed as ``-expm1(count · log(decay))``; for ``decay == 0`` it is 1 for every ``count >= 1``.
+    A Python-float ``decay`` has its logarithm taken in float64 on the host (``float32(0.999)`` is
+    off by 1.3e-8, which would put a 1.3e-5 relative error into ``1 - 0.999**t`` at small ``t``).
     """
+    if isinstance(decay, (int, float)) and not isinstance(decay, bool) and 0 < decay <= 1:
+        log_decay = jnp.asarray(math.log(decay), jnp.float32)
+        return -jnp.expm1(jnp.asarray(count, jnp.float32) * log_decay)
     decay = jnp.asarray(decay, jnp.float32)
     t = jnp.asarray(count, jnp.float32)
     safe = jnp.where(decay > 0, decay, jnp.ones_like(decay))

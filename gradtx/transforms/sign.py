@@ -1,2 +1,105 @@
-"""(being written)"""
-__all__ = []
+"""Sign-based primitives: signSGD's ``sign(g)`` and Lion's signed interpolated momentum."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from gradtx import numerics
+from gradtx.base import EmptyState, Transform, hyperparameter, option, transform
+from gradtx.tree import keystr, map_leaves, zeros_like
+
+__all__ = ["scale_by_sign", "scale_by_lion", "ScaleByLionState"]
+
+
+def _reject_complex(owner: str, updates) -> None:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(updates)[0]:
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.complexfloating):
+            raise TypeError(
+                f"{owner}: the update at {keystr(path)} is complex ({jnp.result_type(leaf)}); the "
+                f"sign of a complex number is not a descent direction. Split complex parameters "
+                f"into real and imaginary parts, or use a different transform for them.")
+
+
+@transform
+class scale_by_sign(Transform):
+    """signSGD: replace each update by its elementwise sign, ``u ← sign(g)`` (in ``{-1, 0, 1}``).
+
+    Stateless. Updates keep their dtype; ``sign(0) = 0`` and NaN stays NaN. Complex updates raise
+    ``TypeError`` (the sign of a complex number is not defined as a direction).
+    Optax: ``optax.scale_by_sign()``. torch has no built-in signSGD.
+
+    Example:
+        >>> import jax.numpy as jnp, gradtx
+        >>> tx = gradtx.scale_by_sign()
+        >>> tx.update(jnp.array([3.0, -0.5, 0.0]), tx.init(None))[0].tolist()
+        [1.0, -1.0, 0.0]
+    """
+
+    def init(self, params):
+        del params
+        return EmptyState()
+
+    def update(self, updates, state, params=None, **extra):
+        del params, extra
+        _reject_complex(self.name, updates)
+        return map_leaves(self.name, jnp.sign, updates), state
+
+
+class ScaleByLionState(NamedTuple):
+    """State of :class:`scale_by_lion`: the momentum ``m`` (one buffer: half of Adam's memory)."""
+
+    mu: Any
+
+
+@transform
+class scale_by_lion(Transform):
+    """Lion's update direction (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms").
+
+    With ``m_0 = 0``::
+
+        u_t = sign(β₁ · m_{t-1} + (1 - β₁) · g_t)
+        m_t = β₂ · m_{t-1} + (1 - β₂) · g_t
+
+    The update interpolates with ``β₁`` but the momentum is tracked with ``β₂`` (no bias
+    correction). Defaults: ``b1=0.9``, ``b2=0.99`` (the paper's), both in ``[0, 1]``;
+    ``mu_dtype=None`` stores ``m`` in each parameter's dtype (arithmetic in float32 or wider).
+    Lion alone is ``chain(scale_by_lion(), add_decoupled_weight_decay(λ),
+    scale_by_learning_rate(γ))`` (see :func:`gradtx.lion`); the paper recommends a learning rate
+    3-10x smaller and a decay 3-10x larger than for AdamW. Complex updates raise ``TypeError``.
+    Optax: ``optax.scale_by_lion(b1, b2, mu_dtype)`` in its default ``"hard"`` mode (same math;
+    Optax's state also keeps an unused step count). torch has no built-in Lion.
+
+    Example:
+        >>> import jax.numpy as jnp, gradtx
+        >>> tx = gradtx.scale_by_lion(b1=0.5, b2=0.5)
+        >>> u, state = tx.update(jnp.array([4.0, -2.0]), tx.init(jnp.zeros(2)))
+        >>> u.tolist(), state.mu.tolist()
+        ([1.0, -1.0], [2.0, -1.0])
+    """
+
+    b1: float = hyperparameter(0.9, low=0.0, high=1.0)
+    b2: float = hyperparameter(0.99, low=0.0, high=1.0)
+    mu_dtype: Any = option(None, kind="dtype")
+
+    def init(self, params):
+        return ScaleByLionState(zeros_like(params, self.mu_dtype))
+
+    def update(self, updates, state, params=None, **extra):
+        del params, extra
+        _reject_complex(self.name, updates)
+        b1 = numerics.value_at(self.b1, None)
+        b2 = numerics.value_at(self.b2, None)
+
+        def one(g, m):
+            ct = numerics.compute_dtype(g.dtype)
+            g32, m32 = numerics.as_compute(g), m.astype(ct)
+            c1, c2 = b1.astype(ct), b2.astype(ct)
+            direction = jnp.sign(c1 * m32 + (1.0 - c1) * g32)
+            new_m = c2 * m32 + (1.0 - c2) * g32
+            return direction.astype(g.dtype), new_m.astype(m.dtype)
+
+        out, mu = map_leaves(self.name, one, updates, state.mu, names=("mu",), outputs=2)
+        return out, ScaleByLionState(mu)
