@@ -271,7 +271,10 @@ def apply_updates(params, updates):
             return None
         p = jnp.asarray(p)
         u = jnp.asarray(u)
-        wide = jnp.promote_types(p.dtype, u.dtype)
+        if p.dtype == u.dtype:
+            return p + u
+        with jax.numpy_dtype_promotion("standard"):
+            wide = jnp.promote_types(p.dtype, u.dtype)
         return (p.astype(wide) + u.astype(wide)).astype(p.dtype)
 
     return jax.tree.map(add, params, updates, is_leaf=lambda x: x is None)

@@ -7,7 +7,6 @@ low-precision leaves is done in float32 and rounded once when stored.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -18,7 +17,7 @@ from gradtx import _validate
 
 __all__ = [
     "INT32_MAX", "init_count", "safe_increment", "compute_dtype", "bias_correction", "value_at",
-    "abs_sq", "as_compute", "state_dtype",
+    "abs_sq", "as_compute", "state_dtype", "hyper", "log_decay",
 ]
 
 INT32_MAX = int(np.iinfo(np.int32).max)
@@ -72,18 +71,31 @@ def value_at(hyper: Any, count: jax.Array) -> jax.Array:
 def bias_correction(decay: Any, count: jax.Array) -> jax.Array:
     """``1 - decay**count`` in float32, accurate for decay close to 1.
 
-    Computed as ``-expm1(count · log(decay))``; for ``decay == 0`` it is 1 for every ``count >= 1``.
-    A Python-float ``decay`` has its logarithm taken in float64 on the host (``float32(0.999)`` is
-    off by 1.3e-8, which would put a 1.3e-5 relative error into ``1 - 0.999**t`` at small ``t``).
+    ``decay`` enters as its float32 value (as every hyperparameter does, so a value injected into the
+    state by :func:`gradtx.inject_hyperparams` gives bit-identical results), and the power is
+    computed as ``-expm1(count · log1p(decay - 1))``: ``decay - 1`` is exact in float32 for
+    ``decay >= 0.5`` and neither step cancels, so the result is accurate to float32 rounding even for
+    ``decay = 0.999`` at ``count = 1``. For ``decay == 0`` it is 1 for every ``count >= 1``.
     """
-    if isinstance(decay, (int, float)) and not isinstance(decay, bool) and 0 < decay <= 1:
-        log_decay = jnp.asarray(math.log(decay), jnp.float32)
-        return -jnp.expm1(jnp.asarray(count, jnp.float32) * log_decay)
-    decay = jnp.asarray(decay, jnp.float32)
     t = jnp.asarray(count, jnp.float32)
-    safe = jnp.where(decay > 0, decay, jnp.ones_like(decay))
-    corrected = -jnp.expm1(t * jnp.log(safe))
-    return jnp.where(decay > 0, corrected, jnp.ones_like(corrected))
+    return -jnp.expm1(t * log_decay(decay))
+
+
+def log_decay(decay: Any) -> jax.Array:
+    """``log(decay)`` in float32, accurate near 1 (via ``log1p(decay - 1)``); ``-inf`` at 0."""
+    decay = jnp.asarray(decay, jnp.float32)
+    near_one = jnp.log1p(jnp.minimum(decay, jnp.ones_like(decay)) - 1.0)
+    return jnp.where(decay >= 0.5, near_one, jnp.log(decay))
+
+
+def hyper(value: Any, dtype: Any = jnp.float32) -> jax.Array:
+    """A hyperparameter as the array it enters arithmetic as: its float32 value, cast to ``dtype``.
+
+    Every primitive reads its hyperparameters through this (or :func:`value_at`), so a Python float
+    and the same value injected into the state as a float32 array give bit-identical results.
+    """
+    x = jnp.asarray(value, jnp.float32)
+    return x if jnp.dtype(dtype) == jnp.float32 else x.astype(dtype)
 
 
 def abs_sq(x: jax.Array) -> jax.Array:

@@ -13,8 +13,6 @@ and keeps separate statistics for the real and imaginary parts.
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -31,19 +29,13 @@ __all__ = [
 ]
 
 
-def _is_number(h) -> bool:
-    return isinstance(h, numbers.Number) and not isinstance(h, bool)
-
-
 def _f32(h) -> jax.Array:
     return jnp.asarray(h, jnp.float32)
 
 
 def _pow(base: Any, exponent: jax.Array) -> jax.Array:
-    """``base ** exponent`` in float32 for ``0 < base``, with the log taken on the host when possible."""
-    if _is_number(base):
-        return jnp.exp(exponent * _f32(math.log(base)))
-    return jnp.exp(exponent * jnp.log(_f32(base)))
+    """``base ** exponent`` in float32 for ``0 < base`` (base read as its float32 value)."""
+    return jnp.exp(exponent * numerics.log_decay(base))
 
 
 def _check_eps_pair(owner: str, eps, eps_root):
@@ -291,13 +283,9 @@ def _radam_rho(b2: Any, count: jax.Array):
     ``C(y) = 1/y - 1/(e^y - 1)``; the textbook form loses ~4 digits in float32 for β₂ = 0.999.
     """
     t = count.astype(jnp.float32)
-    if _is_number(b2):
-        x = _f32(-math.log(b2) if b2 > 0 else math.inf)
-        rho_inf = _f32(2.0 / (1.0 - b2) - 1.0)
-    else:
-        b2 = _f32(b2)
-        x = -jnp.log(b2)
-        rho_inf = (1.0 + b2) / (1.0 - b2)
+    b2 = _f32(b2)
+    x = -numerics.log_decay(b2)
+    rho_inf = (1.0 + b2) / (1.0 - b2)
     rho_t = 1.0 + 2.0 * (t * _series_c(t * x) - _series_c(x))
     return rho_t, rho_inf
 

@@ -13,7 +13,6 @@ per real/imaginary part.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -66,15 +65,9 @@ def _load(x: jax.Array, dtype) -> jax.Array:
     return x if x.dtype == dtype else x.astype(dtype)
 
 
-def _scalar(h: Any, dtype) -> Any:
-    """A hyperparameter (a Python number, or a traced/array value) usable with arrays of ``dtype``.
-
-    Python numbers stay Python numbers (weakly typed, exact in float64); arrays and tracers are cast
-    explicitly, as strict dtype promotion requires.
-    """
-    if isinstance(h, numbers.Number) and not isinstance(h, bool):
-        return h
-    return jnp.asarray(h).astype(dtype)
+def _scalar(h: Any, dtype) -> jax.Array:
+    """A hyperparameter as an array of ``dtype``: its float32 value, cast (see numerics.hyper)."""
+    return numerics.hyper(h, dtype)
 
 
 def _compute(g: jax.Array):

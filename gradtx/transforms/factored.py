@@ -150,8 +150,7 @@ class scale_by_factored_rms(Transform):
         count = numerics.safe_increment(state.count)
         t = count.astype(jnp.float32)
         # β̂_t = 1 - t^{-c}; 1 - β̂_t = t^{-c} = exp(-c log t).
-        c = self.decay_rate if isinstance(self.decay_rate, float) \
-            else jnp.asarray(self.decay_rate, jnp.float32)
+        c = numerics.hyper(self.decay_rate)
         new_weight = jnp.exp(-c * jnp.log(t))
         beta = 1.0 - new_weight
 

@@ -127,6 +127,7 @@ def test_radam_rho_is_accurate_in_float32():
     for b2 in (0.0, 0.5, 0.9, 0.99, 0.999, 0.9999):
         ts = np.array([1, 2, 5, 6, 7, 50, 1000, 10**5, 2**31 - 1])
         rho, rho_inf = _radam_rho(b2, jnp.asarray(ts, jnp.int32))
+        b2 = float(np.float32(b2))  # hyperparameters enter as their float32 values
         want_inf = 2 / (1 - b2) - 1
         with np.errstate(over="ignore", under="ignore", divide="ignore", invalid="ignore"):
             b2t = np.array([b2 ** float(t) for t in ts])
@@ -257,7 +258,9 @@ def test_optax_radam_rho_is_inaccurate_at_default_b2():
             want, ostate = otx.update(g, ostate)
         got, state = tx.update(g, state)
         rel.append(float(jnp.max(jnp.abs(got - want) / jnp.maximum(jnp.abs(want), 1e-6))))
-    assert max(rel[:5]) < 1e-6  # unrectified steps agree exactly
+    # unrectified steps agree to float32 rounding of the hyperparameters (gradtx reads b1, b2 as
+    # float32 values; Optax forms 1 - b1 in float64 on the host)
+    assert max(rel[:5]) < 1e-5
     assert 1e-3 < rel[5] < 3e-2  # first rectified step: Optax's rounding shows
     assert rel[-1] < 3e-3
 
