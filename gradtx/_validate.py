@@ -16,6 +16,15 @@ import jax
 import numpy as np
 
 
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:12]}...({len(text)} digits)"
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+_I32_MAX = int(np.iinfo(np.int32).max)
+
+
 def is_traced(value: Any) -> bool:
     """True for values that only exist inside a trace (``inject_hyperparams`` puts them there)."""
     return isinstance(value, jax.core.Tracer)
@@ -70,16 +79,27 @@ def check_number(owner: str, name: str, value: Any, *, low=None, high=None, low_
             else:
                 raise TypeError(f"{owner}: {name}={value!r} is not an integer; expected {kind}.")
         value = int(value)
+        if abs(value) > _I32_MAX:
+            raise ValueError(f"{owner}: {name}={_short(value)} is outside the int32 range; step counts "
+                             f"and sizes are used as int32 values (at most {_I32_MAX}).")
     else:
         if isinstance(value, numbers.Complex) and not isinstance(value, numbers.Real):
             raise TypeError(f"{owner}: {name}={value!r} is complex; expected {kind}.")
         if not isinstance(value, numbers.Real):
             raise TypeError(f"{owner}: {name}={value!r} has type {type(value).__name__}; "
                             f"expected {kind}.")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ValueError(f"{owner}: {name}={_short(value)} is too large; hyperparameters are used "
+                             f"as float32 values (at most {_F32_MAX:.4g} in magnitude).") from None
         if math.isnan(value) or (math.isinf(value) and not allow_inf):
             raise ValueError(f"{owner}: {name}={value!r} is not finite; expected "
                              f"{_interval(low, high, low_open, high_open)}.")
+        if not math.isinf(value) and abs(value) > _F32_MAX:
+            raise ValueError(f"{owner}: {name}={value!r} is outside the float32 range; "
+                             f"hyperparameters are used as float32 values (at most {_F32_MAX:.4g} "
+                             f"in magnitude).")
     ok = True
     if low is not None:
         ok &= value > low if low_open else value >= low
@@ -107,16 +127,14 @@ def check_dtype(owner: str, name: str, value: Any):
     """Normalise a dtype-like to its name (a hashable, readable string) or None."""
     if value is None:
         return None
-    try:
-        dt = np.dtype(value) if not isinstance(value, str) else np.dtype(value)
-    except TypeError:
-        try:
-            import jax.numpy as jnp
-            dt = jnp.dtype(value)
-        except TypeError:
-            raise TypeError(f"{owner}: {name}={value!r} is not a dtype; expected e.g. "
-                            f"'float32', 'bfloat16' or None.") from None
     import jax.numpy as jnp
+    try:
+        if not isinstance(value, (str, np.dtype, type)):
+            raise TypeError
+        dt = jnp.dtype(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{owner}: {name}={value!r} is not a dtype; expected e.g. "
+                        f"'float32', 'bfloat16' or None.") from None
     if not jnp.issubdtype(dt, jnp.inexact):  # np.issubdtype rejects ml_dtypes' bfloat16
         raise ValueError(f"{owner}: {name}={value!r} is not a floating-point dtype; expected e.g. "
                          f"'float32', 'bfloat16', 'float16' or None.")

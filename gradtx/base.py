@@ -266,15 +266,16 @@ def apply_updates(params, updates):
         [0.5, 0.5]
     """
 
-    def add(p, u):
-        if p is None:
-            return None
-        p = jnp.asarray(p)
-        u = jnp.asarray(u)
-        if p.dtype == u.dtype:
-            return p + u
-        with jax.numpy_dtype_promotion("standard"):
-            wide = jnp.promote_types(p.dtype, u.dtype)
-        return (p.astype(wide) + u.astype(wide)).astype(p.dtype)
+    return jax.tree.map(lambda p, u: None if p is None else add_update(p, u), params, updates,
+                        is_leaf=lambda x: x is None)
 
-    return jax.tree.map(add, params, updates, is_leaf=lambda x: x is None)
+
+def add_update(p, u) -> jax.Array:
+    """One leaf of :func:`apply_updates`: ``p + u`` in the wider dtype, rounded to ``p``'s dtype."""
+    p = jnp.asarray(p)
+    u = jnp.asarray(u)
+    if p.dtype == u.dtype:
+        return p + u
+    with jax.numpy_dtype_promotion("standard"):
+        wide = jnp.promote_types(p.dtype, u.dtype)
+    return (p.astype(wide) + u.astype(wide)).astype(p.dtype)

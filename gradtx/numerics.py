@@ -65,7 +65,20 @@ def value_at(hyper: Any, count: jax.Array) -> jax.Array:
     """
     if _validate.is_schedule(hyper):
         return jnp.asarray(hyper(count), jnp.float32)
-    return jnp.asarray(hyper, jnp.float32)
+    return hyper_array(hyper)
+
+
+def hyper_array(value: Any) -> jax.Array:
+    """A numeric hyperparameter as a float32 scalar array that XLA treats as a run-time value.
+
+    A Python float would become a compile-time constant, and XLA rewrites arithmetic on constants
+    (``x / c`` becomes ``x * (1/c)``, which is not correctly rounded). Passing the constant through
+    an optimisation barrier keeps divisions exact and makes the compiled program the same whether
+    the hyperparameter is a Python float or a float32 array injected into the state.
+    """
+    if _validate.is_traced(value) or isinstance(value, jax.Array):
+        return jnp.asarray(value, jnp.float32)
+    return jax.lax.optimization_barrier(jnp.asarray(value, jnp.float32))
 
 
 def bias_correction(decay: Any, count: jax.Array) -> jax.Array:
@@ -83,7 +96,7 @@ def bias_correction(decay: Any, count: jax.Array) -> jax.Array:
 
 def log_decay(decay: Any) -> jax.Array:
     """``log(decay)`` in float32, accurate near 1 (via ``log1p(decay - 1)``); ``-inf`` at 0."""
-    decay = jnp.asarray(decay, jnp.float32)
+    decay = hyper_array(decay)
     near_one = jnp.log1p(jnp.minimum(decay, jnp.ones_like(decay)) - 1.0)
     return jnp.where(decay >= 0.5, near_one, jnp.log(decay))
 
@@ -94,7 +107,7 @@ def hyper(value: Any, dtype: Any = jnp.float32) -> jax.Array:
     Every primitive reads its hyperparameters through this (or :func:`value_at`), so a Python float
     and the same value injected into the state as a float32 array give bit-identical results.
     """
-    x = jnp.asarray(value, jnp.float32)
+    x = hyper_array(value)
     return x if jnp.dtype(dtype) == jnp.float32 else x.astype(dtype)
 
 

@@ -147,13 +147,18 @@ _evaluate_jit = jax.jit(_evaluate, static_argnums=0)
 # ----------------------------------------------------------------------------- numeric helpers
 
 def _f(x, dtype) -> jax.Array:
-    """A (possibly traced) hyperparameter as a ``dtype`` array."""
-    return jnp.asarray(x).astype(dtype)
+    """A (possibly traced) hyperparameter as a ``dtype`` array that XLA treats as a run-time value.
+
+    The optimisation barrier stops XLA from rewriting ``y / c`` for a constant ``c`` into
+    ``y * (1/c)``, which is not correctly rounded (``5 * (1/5) != 1`` in float32): without it a
+    phase would not end exactly on its end value.
+    """
+    return jax.lax.optimization_barrier(jnp.asarray(x)).astype(dtype)
 
 
 def _i(x, t: jax.Array) -> jax.Array:
     """A (possibly traced) step-count hyperparameter as an integer array of ``t``'s dtype."""
-    return jnp.asarray(x).astype(t.dtype)
+    return jax.lax.optimization_barrier(jnp.asarray(x)).astype(t.dtype)
 
 
 def _ratio(num: jax.Array, den: jax.Array, dtype) -> jax.Array:
@@ -195,8 +200,14 @@ def _half_cos_sq(u: jax.Array, v: jax.Array):
 
 
 def _mix(a, wa, b, wb):
-    """``a·wa + b·wb`` (both weights non-negative: no cancellation for same-sign ``a``, ``b``)."""
-    return a * wa + b * wb
+    """``a·wa + b·wb`` for weights summing to 1, kept between ``a`` and ``b``.
+
+    Both weights are non-negative (no cancellation for same-sign ``a``, ``b``); the result is clamped
+    to ``[min(a, b), max(a, b)]`` and is exactly ``a`` when ``a == b``, so rounding can never push a
+    schedule past its end value or make a constant phase wobble.
+    """
+    mixed = jnp.clip(a * wa + b * wb, jnp.minimum(a, b), jnp.maximum(a, b))
+    return jnp.where(a == b, a, mixed)
 
 
 def _cosine_weights(r, n, dtype, exponent=1.0):
@@ -308,7 +319,8 @@ class exponential(Schedule):
 
     ``init_value`` until ``transition_begin``; with ``staircase=True`` the exponent is floored (the
     value changes every ``transition_steps`` steps). ``end_value``, if given, bounds the value: a
-    lower bound when ``decay_rate < 1``, an upper bound when ``decay_rate > 1``.
+    lower bound when ``decay_rate < 1``, an upper bound when ``decay_rate > 1`` (where it is
+    required: an uncapped growth would overflow to inf).
     ``decay_rate > 0``, ``transition_steps >= 1``. Optax: ``optax.exponential_decay`` (same
     arguments). torch: ``ExponentialLR(gamma)`` is ``exponential(lr, gamma)`` (``transition_steps=1``).
 
@@ -329,6 +341,12 @@ class exponential(Schedule):
     end_value: float | None = hyperparameter(None, allow_none=True)
 
     def _check(self):
+        if (self.end_value is None and _static(self.decay_rate) and _static(self.init_value)
+                and self.decay_rate > 1 and self.init_value != 0):
+            raise ValueError(
+                f"exponential: decay_rate={self.decay_rate!r} > 1 grows without bound and would "
+                f"overflow float32 to inf; give end_value (the cap the value stops at), or "
+                f"decay_rate <= 1.")
         if (self.end_value is not None and _static(self.end_value) and _static(self.init_value)
                 and _static(self.decay_rate)):
             if self.decay_rate < 1 and self.end_value > self.init_value:
@@ -688,10 +706,23 @@ class one_cycle(Schedule):
     anneal: str = option("cos", choices=("cos", "linear"))
     three_phase: bool = option(False, kind="bool")
 
+    def _check(self):
+        if _static(self.pct_start) and _static(self.total_steps) \
+                and self.pct_start * self.total_steps <= 1:
+            raise ValueError(
+                f"one_cycle: pct_start={self.pct_start!r} with total_steps={self.total_steps!r} "
+                f"leaves the warm-up phase no step (pct_start·total_steps must be > 1; torch's "
+                f"OneCycleLR divides by zero there); raise pct_start or total_steps.")
+
     def _value(self, t, dtype):
         peak = _f(self.peak_value, dtype)
-        init = peak / _f(self.div_factor, dtype)
-        final = init / _f(self.final_div_factor, dtype)
+        if all(map(_static, (self.peak_value, self.div_factor, self.final_div_factor))):
+            # torch divides in float64: round init and final once, as it does
+            init = _f(self.peak_value / self.div_factor, dtype)
+            final = _f(self.peak_value / self.div_factor / self.final_div_factor, dtype)
+        else:
+            init = peak / _f(self.div_factor, dtype)
+            final = init / _f(self.final_div_factor, dtype)
         s_int = jnp.minimum(t, _i(self.total_steps, t) - 1)
         if _static(self.pct_start) and _static(self.total_steps):
             # torch forms the (possibly fractional) boundaries in float64; keep their integer
@@ -1054,4 +1085,10 @@ def from_torch(name: str, lr: float, **kwargs) -> Schedule:
         [1.0, 1.0, 0.5, 0.5, 0.25]
     """
     lr = _validate.check_number("from_torch", "lr", lr, low=0.0)
-    return _from_torch(name, lr, kwargs)
+    try:
+        return _from_torch(name, lr, kwargs)
+    except (ValueError, TypeError) as e:
+        if str(e).startswith("from_torch"):
+            raise
+        given = ", ".join(f"{k}={v!r}" for k, v in dict(lr=lr, **kwargs).items())
+        raise type(e)(f"from_torch({name!r}) with {given}: {e}") from e

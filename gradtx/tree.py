@@ -26,10 +26,16 @@ def keystr(path) -> str:
     return jax.tree_util.keystr(tuple(path)) or "<root>"
 
 
+def _is_empty_node(x) -> bool:
+    return isinstance(x, tuple) and hasattr(x, "_fields") and not x._fields
+
+
 def first_difference(a, b) -> str:
     """Describe the first path at which two pytrees differ in structure."""
-    a_leaves = jax.tree_util.tree_flatten_with_path(a)[0]
-    b_leaves = jax.tree_util.tree_flatten_with_path(b)[0]
+    # empty named tuples (EmptyState, MaskedNode) have no leaves: count them as leaves here so a
+    # masked-out parameter still shows up as a path
+    a_leaves = jax.tree_util.tree_flatten_with_path(a, is_leaf=_is_empty_node)[0]
+    b_leaves = jax.tree_util.tree_flatten_with_path(b, is_leaf=_is_empty_node)[0]
     a_paths = [keystr(p) for p, _ in a_leaves]
     b_paths = [keystr(p) for p, _ in b_leaves]
     for i, (pa, pb) in enumerate(zip(a_paths, b_paths)):

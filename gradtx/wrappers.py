@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from gradtx import _validate, numerics
-from gradtx.base import _HYPER, Transform, hyperparameter, option, transform
+from gradtx.base import _HYPER, Transform, add_update, hyperparameter, option, transform
 from gradtx.combine import (FrozenTree, _check_member, _freeze_spec, _is_bool,
                             _is_transform_like, _merge, _resolve, _select, call_update)
 from gradtx.tree import TreeMismatchError, map_leaves
@@ -401,17 +401,6 @@ def _all_finite(tree) -> jax.Array:
     return ok
 
 
-def _post_update(p, u):
-    """``p + u`` exactly as :func:`gradtx.apply_updates` computes it (the new parameter)."""
-    p = jnp.asarray(p)
-    u = jnp.asarray(u)
-    if p.dtype == u.dtype:
-        return p + u
-    with jax.numpy_dtype_promotion("standard"):
-        wide = jnp.promote_types(p.dtype, u.dtype)
-    return (p.astype(wide) + u.astype(wide)).astype(p.dtype)
-
-
 def _average_dtype(requested, leaf):
     if requested is not None:
         return jnp.dtype(requested)
@@ -481,9 +470,14 @@ class accumulate_gradients(Transform):
         _check_member("accumulate_gradients", self.inner, "inner")
 
     def init(self, params):
-        sums = jax.tree.map(
-            lambda p: jnp.zeros(jnp.shape(p), numerics.state_dtype(self.accumulator_dtype, p)),
-            params)
+        def zeros(p):
+            dtype = numerics.state_dtype(self.accumulator_dtype, p)
+            if jnp.iscomplexobj(p) and not jnp.issubdtype(dtype, jnp.complexfloating):
+                # a real accumulator would drop the imaginary part: use the complex counterpart
+                dtype = jnp.complex128 if jnp.dtype(dtype) == jnp.float64 else jnp.complex64
+            return jnp.zeros(jnp.shape(p), dtype)
+
+        sums = jax.tree.map(zeros, params)
         return AccumulateGradientsState(numerics.init_count(), sums, self.inner.init(params),
                                         jnp.zeros((), bool))
 
@@ -655,7 +649,7 @@ class lookahead(Transform):
 
         def one(u, p, s):
             ct = numerics.compute_dtype(jnp.result_type(p))
-            fast = _post_update(p, u).astype(ct)
+            fast = add_update(p, u).astype(ct)
             slow = s.astype(ct)
             new_slow = slow + alpha.astype(ct) * (fast - slow)
             to_slow = (new_slow - p.astype(ct)).astype(u.dtype)
@@ -724,7 +718,7 @@ class ema_params(Transform):
             decay = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
 
         def one(u, p, e):
-            x = _post_update(p, u).astype(e.dtype)
+            x = add_update(p, u).astype(e.dtype)
             d = decay.astype(e.dtype)
             return d * e + (1 - d) * x
 
@@ -788,7 +782,7 @@ class swa(Transform):
         n = jnp.where(include, numerics.safe_increment(state.n_averaged), state.n_averaged)
 
         def one(u, p, m):
-            x = _post_update(p, u).astype(m.dtype)
+            x = add_update(p, u).astype(m.dtype)
             new = jnp.where(n == 1, x, m + (x - m) / n.astype(m.dtype))
             return jnp.where(include, new, m)
 

@@ -259,6 +259,7 @@ def dataclasses_frozen_error():
     (lambda: S.warmup_cosine(1.0, 10, 0), "decay_steps_after_warmup=0"),
     (lambda: S.exponential(1.0, 0.0), "decay_rate=0.0"),
     (lambda: S.exponential(1.0, 0.5, end_value=2.0), "end_value=2.0 is above init_value"),
+    (lambda: S.exponential(1.0, 1.5), "decay_rate=1.5 > 1 grows without bound"),
     (lambda: S.piecewise_constant((1.0, 2.0), (3, 4)), "len\\(values\\) == len\\(boundaries\\) \\+ 1"),
     (lambda: S.piecewise_constant((1.0, 2.0, 3.0), (4, 4)), "strictly increasing"),
     (lambda: S.multistep(1.0, (5, 3)), "non-decreasing"),

@@ -17,13 +17,13 @@ __all__ = ["clip", "clip_by_global_norm", "clip_by_block_rms", "adaptive_grad_cl
 
 
 def _scale(u, factor):
-    """``u · factor`` in the compute dtype, cast back to ``u``'s dtype (factor: float32 array)."""
+    """``u · factor`` in the compute dtype, cast back to ``u``'s dtype (factor: a scalar array)."""
     ct = numerics.compute_dtype(u.dtype)
     return (numerics.as_compute(u) * factor.astype(ct)).astype(u.dtype)
 
 
 def _shrink_factor(norm, limit):
-    """``limit / norm`` where ``norm > limit``, else 1; never divides by zero (float32)."""
+    """``limit / norm`` where ``norm > limit``, else 1; never divides by zero (norm's dtype)."""
     over = norm > limit
     safe = jnp.where(over, norm, jnp.ones_like(norm))
     return jnp.where(over, limit / safe, jnp.ones_like(norm))
@@ -98,8 +98,8 @@ class clip_by_global_norm(Transform):
 
     def update(self, updates, state, params=None, **extra):
         del params, extra
-        norm = global_norm(updates).astype(jnp.float32)
-        factor = _shrink_factor(norm, numerics.value_at(self.max_norm, None))
+        norm = global_norm(updates)  # float32, or float64 when a leaf is float64 (x64)
+        factor = _shrink_factor(norm, numerics.value_at(self.max_norm, None).astype(norm.dtype))
         return map_leaves(self.name, lambda u: _scale(u, factor), updates), state
 
 

@@ -33,8 +33,9 @@ class ScaleByFactoredRmsState(NamedTuple):
     ``count`` (int32) is the number of updates done. ``v_row``, ``v_col`` and ``v`` are trees with
     the parameters' structure. For a factored leaf of shape ``S`` with factored axes ``i < j``,
     ``v_row`` has shape ``S`` without axis ``j`` (the mean over ``j``: row statistics of a matrix),
-    ``v_col`` has shape ``S`` without axis ``i``, and ``v`` is an empty array of shape ``(0,)``. For
-    any other leaf, ``v`` has the leaf's shape and ``v_row``/``v_col`` are empty ``(0,)`` arrays.
+    ``v_col`` has shape ``S`` without axis ``i``, and ``v`` is an unused scalar zero. For any other
+    leaf, ``v`` has the leaf's shape and ``v_row``/``v_col`` are unused scalar zeros (scalars, not
+    empty arrays, so checkpointers that refuse zero-size arrays can save the state).
     All are real and stored in ``nu_dtype``.
     """
 
@@ -60,7 +61,7 @@ def _factored_axes(shape: tuple, factored: bool, min_dim: int):
 
 
 def _empty(dtype) -> jax.Array:
-    return jnp.zeros((0,), dtype)
+    return jnp.zeros((), dtype)
 
 
 def _rms(x: jax.Array) -> jax.Array:
@@ -103,7 +104,7 @@ class scale_by_factored_rms(Transform):
         >>> tx = gradtx.scale_by_factored_rms(min_dim_size_to_factor=2)
         >>> state = tx.init({"w": jnp.zeros((2, 3)), "b": jnp.zeros(3)})
         >>> [state.v_row["w"].shape, state.v_col["w"].shape, state.v["w"].shape, state.v["b"].shape]
-        [(2,), (3,), (0,), (3,)]
+        [(2,), (3,), (), (3,)]
         >>> u, state = tx.update({"w": jnp.full((2, 3), 3.0), "b": jnp.array([2.0, -2.0, 0.5])}, state)
         >>> [round(x, 4) for x in u["w"].ravel().tolist()], [round(x, 4) for x in u["b"].tolist()]
         ([1.0, 1.0, 1.0, 1.0, 1.0, 1.0], [1.0, -1.0, 1.0])
@@ -162,10 +163,10 @@ class scale_by_factored_rms(Transform):
             w, b = new_weight.astype(rd), beta.astype(rd)
             sq = numerics.abs_sq(gc) + _scalar(self.epsilon, rd)
             if axes is None:
-                expected = (shape, (0,), (0,))
+                expected = (shape, (), ())
             else:
                 i, j = axes
-                expected = ((0,), shape[:j] + shape[j + 1:], shape[:i] + shape[i + 1:])
+                expected = ((), shape[:j] + shape[j + 1:], shape[:i] + shape[i + 1:])
             if (tuple(full.shape), tuple(row.shape), tuple(col.shape)) != expected:
                 raise TreeMismatchError(
                     f"{self.name}: a gradient leaf of shape {shape} needs statistics of shapes "

@@ -23,12 +23,20 @@ def _reject_complex(owner: str, updates) -> None:
                 f"into real and imaginary parts, or use a different transform for them.")
 
 
+def _finite_sign(u):
+    """``sign(u)`` where ``u`` is finite; ``u`` itself (NaN, ±Inf) where it is not."""
+    return jnp.where(jnp.isfinite(u), jnp.sign(u), u)
+
+
 @transform
 class scale_by_sign(Transform):
     """signSGD: replace each update by its elementwise sign, ``u ← sign(g)`` (in ``{-1, 0, 1}``).
 
-    Stateless. Updates keep their dtype; ``sign(0) = 0`` and NaN stays NaN. Complex updates raise
-    ``TypeError`` (the sign of a complex number is not defined as a direction).
+    Stateless. Updates keep their dtype; ``sign(0) = 0``. Non-finite inputs are passed through
+    unchanged (NaN stays NaN, ±Inf stays ±Inf) instead of becoming ±1: an overflowed gradient must
+    not turn into an ordinary-looking step (use :class:`gradtx.skip_nonfinite` to skip such steps).
+    Complex updates raise ``TypeError`` (the sign of a complex number is not defined as a
+    direction).
     Optax: ``optax.scale_by_sign()``. torch has no built-in signSGD.
 
     Example:
@@ -45,7 +53,7 @@ class scale_by_sign(Transform):
     def update(self, updates, state, params=None, **extra):
         del params, extra
         _reject_complex(self.name, updates)
-        return map_leaves(self.name, jnp.sign, updates), state
+        return map_leaves(self.name, _finite_sign, updates), state
 
 
 class ScaleByLionState(NamedTuple):

@@ -89,11 +89,11 @@ def test_state_shapes_follow_the_factoring_rule():
     s = tx.init(zeros())
     assert isinstance(s, ScaleByFactoredRmsState)
     shapes = {k: (s.v_row[k].shape, s.v_col[k].shape, s.v[k].shape) for k in PARAMS_SHAPES}
-    assert shapes["w"] == ((6,), (8,), (0,))
-    assert shapes["t"] == ((3, 8), (3, 6), (0,))  # the two largest axes (1, 2); axis 0 is a batch
-    assert shapes["b"] == ((0,), (0,), (5,))
-    assert shapes["small"] == ((0,), (0,), (2, 3))
-    assert shapes["s"] == ((0,), (0,), ())
+    assert shapes["w"] == ((6,), (8,), ())
+    assert shapes["t"] == ((3, 8), (3, 6), ())  # the two largest axes (1, 2); axis 0 is a batch
+    assert shapes["b"] == ((), (), (5,))
+    assert shapes["small"] == ((), (), (2, 3))
+    assert shapes["s"] == ((), (), ())
     assert _factored_axes((5, 2, 5), True, 2) == (0, 2)
     assert _factored_axes((8, 8, 3), True, 2) == (0, 1)
     assert _factored_axes((8, 8), False, 2) is None
