@@ -146,6 +146,28 @@ class scale_by_factored_rms(Transform):
         rows, cols, fulls = ([treedef.unflatten([x[k] for x in parts])] for k in range(3))
         return ScaleByFactoredRmsState(numerics.init_count(), rows[0], cols[0], fulls[0])
 
+    def _check_shapes(self, updates, state):
+        """Each leaf's statistics must have the shapes this leaf's init gives (error names the path)."""
+        leaves = jax.tree_util.tree_flatten_with_path(updates)[0]
+        stats = [jax.tree.leaves(tree) for tree in (state.v, state.v_row, state.v_col)]
+        if any(len(x) != len(leaves) for x in stats):
+            return  # a structure mismatch: map_leaves reports it with the first differing path
+        for (path, g), full, row, col in zip(leaves, *stats):
+            shape = tuple(jnp.shape(g))
+            axes = self._axes(shape)
+            if axes is None:
+                expected = (shape, (), ())
+            else:
+                i, j = axes
+                expected = ((), shape[:j] + shape[j + 1:], shape[:i] + shape[i + 1:])
+            got = (tuple(jnp.shape(full)), tuple(jnp.shape(row)), tuple(jnp.shape(col)))
+            if got != expected:
+                raise TreeMismatchError(
+                    f"{self.name}: the update at {jax.tree_util.keystr(path)} has shape {shape} "
+                    f"and needs statistics of shapes v={expected[0]}, v_row={expected[1]}, "
+                    f"v_col={expected[2]}, but the state has {got[0]}, {got[1]}, {got[2]}; was "
+                    f"the state initialised with different parameters?")
+
     def update(self, updates, state, params=None, **extra):
         del params, extra
         count = numerics.safe_increment(state.count)
@@ -162,17 +184,6 @@ class scale_by_factored_rms(Transform):
             tiny = jnp.finfo(rd).tiny
             w, b = new_weight.astype(rd), beta.astype(rd)
             sq = numerics.abs_sq(gc) + _scalar(self.epsilon, rd)
-            if axes is None:
-                expected = (shape, (), ())
-            else:
-                i, j = axes
-                expected = ((), shape[:j] + shape[j + 1:], shape[:i] + shape[i + 1:])
-            if (tuple(full.shape), tuple(row.shape), tuple(col.shape)) != expected:
-                raise TreeMismatchError(
-                    f"{self.name}: a gradient leaf of shape {shape} needs statistics of shapes "
-                    f"v={expected[0]}, v_row={expected[1]}, v_col={expected[2]} but the state has "
-                    f"{tuple(full.shape)}, {tuple(row.shape)}, {tuple(col.shape)}; was the state "
-                    f"initialised with different parameters?")
             if axes is None:
                 v_new = b * _load(full, rd) + w * sq
                 u = _divide(gc, jnp.sqrt(jnp.maximum(v_new, tiny)))
@@ -194,6 +205,7 @@ class scale_by_factored_rms(Transform):
                 u = _divide(u, jnp.maximum(jnp.ones((), rd), _rms(u) / d))
             return (u.astype(g.dtype),) + new
 
+        self._check_shapes(updates, state)
         updates, rows, cols, fulls = map_leaves(
             self.name, one, updates, state.v_row, state.v_col, state.v,
             names=("v_row", "v_col", "v"), outputs=4, same_shape=False)
