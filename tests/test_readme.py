@@ -33,4 +33,6 @@ def test_quick_start_runs(capsys):
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
     out = capsys.readouterr().out
     assert "chain(scale_by_adam(" in out
-    assert "loss" in out
+    params, loss = namespace["params"], namespace["loss"]
+    assert float(loss(params)) < 1e-3, out
+    assert namespace["tx"] == namespace["gradtx"].adamw(1e-2), "the README says they are equal"
