@@ -92,6 +92,30 @@ def _format_value(value: Any) -> str:
     return repr(value)
 
 
+def validate_fields(obj) -> None:
+    """Check and normalise every field declared with :func:`hyperparameter`/:func:`option`.
+
+    Called from ``__post_init__`` of transforms and schedules (frozen dataclasses); then runs the
+    object's ``_check`` hook for cross-field rules.
+    """
+    owner = type(obj).__name__
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if _HYPER in f.metadata:
+            spec = {k: v for k, v in f.metadata[_HYPER].items() if k != "doc"}
+            value = _validate.check_number(owner, f.name, value, **spec)
+        elif _OPTION in f.metadata:
+            spec = f.metadata[_OPTION]
+            if spec["kind"] == "bool":
+                value = _validate.check_bool(owner, f.name, value)
+            elif spec["kind"] == "dtype":
+                value = _validate.check_dtype(owner, f.name, value)
+            elif spec["kind"] == "choice":
+                value = _validate.check_choice(owner, f.name, value, spec["choices"])
+        object.__setattr__(obj, f.name, value)
+    obj._check()
+
+
 class Transform:
     """Base class of every gradtx gradient transformation.
 
@@ -112,22 +136,7 @@ class Transform:
     """
 
     def __post_init__(self):
-        owner = type(self).__name__
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if _HYPER in f.metadata:
-                spec = {k: v for k, v in f.metadata[_HYPER].items() if k != "doc"}
-                value = _validate.check_number(owner, f.name, value, **spec)
-            elif _OPTION in f.metadata:
-                spec = f.metadata[_OPTION]
-                if spec["kind"] == "bool":
-                    value = _validate.check_bool(owner, f.name, value)
-                elif spec["kind"] == "dtype":
-                    value = _validate.check_dtype(owner, f.name, value)
-                elif spec["kind"] == "choice":
-                    value = _validate.check_choice(owner, f.name, value, spec["choices"])
-            object.__setattr__(self, f.name, value)
-        self._check()
+        validate_fields(self)
 
     def _check(self) -> None:
         """Cross-field validation hook; raise ValueError naming the arguments."""

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from gradtx import _validate
-from gradtx.base import _HYPER, _OPTION, Transform, hyperparameter, option
+from gradtx.base import Transform, hyperparameter, option, validate_fields
 
 __all__ = [
     "Schedule", "constant", "linear", "polynomial", "exponential", "piecewise_constant",
@@ -90,20 +90,7 @@ class Schedule:
     """
 
     def __post_init__(self):
-        owner = type(self).__name__
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if _HYPER in f.metadata:
-                spec = {k: v for k, v in f.metadata[_HYPER].items() if k != "doc"}
-                value = _validate.check_number(owner, f.name, value, **spec)
-            elif _OPTION in f.metadata:
-                spec = f.metadata[_OPTION]
-                if spec["kind"] == "bool":
-                    value = _validate.check_bool(owner, f.name, value)
-                elif spec["kind"] == "choice":
-                    value = _validate.check_choice(owner, f.name, value, spec["choices"])
-            object.__setattr__(self, f.name, value)
-        self._check()
+        validate_fields(self)
 
     def _check(self) -> None:
         """Cross-field validation hook; raise ValueError naming the arguments."""
@@ -147,24 +134,27 @@ _evaluate_jit = jax.jit(_evaluate, static_argnums=0)
 # ----------------------------------------------------------------------------- numeric helpers
 
 def _f(x, dtype) -> jax.Array:
-    """A (possibly traced) hyperparameter as a ``dtype`` array that XLA treats as a run-time value.
-
-    The optimisation barrier stops XLA from rewriting ``y / c`` for a constant ``c`` into
-    ``y * (1/c)``, which is not correctly rounded (``5 * (1/5) != 1`` in float32): without it a
-    phase would not end exactly on its end value.
-    """
-    return jax.lax.optimization_barrier(jnp.asarray(x)).astype(dtype)
+    """A (possibly traced) hyperparameter as a ``dtype`` array."""
+    return jnp.asarray(x).astype(dtype)
 
 
 def _i(x, t: jax.Array) -> jax.Array:
     """A (possibly traced) step-count hyperparameter as an integer array of ``t``'s dtype."""
-    return jax.lax.optimization_barrier(jnp.asarray(x)).astype(t.dtype)
+    return jnp.asarray(x).astype(t.dtype)
 
 
 def _ratio(num: jax.Array, den: jax.Array, dtype) -> jax.Array:
-    """``num / den`` for integer arrays, rounded once; 1 where ``den == 0``."""
+    """``num / den`` for integer arrays, rounded once; 1 where ``den == 0``.
+
+    ``num == den`` gives exactly 1 and ``num == 0`` exactly 0: for a constant ``den`` XLA computes
+    ``num * (1/den)``, which is not correctly rounded (``5 * (1/5) != 1`` in float32), and a phase
+    must end exactly on its end value.
+    """
     den_safe = jnp.where(den > 0, den, jnp.ones_like(den))
-    return jnp.where(den > 0, num.astype(dtype) / den_safe.astype(dtype), jnp.ones((), dtype))
+    ratio = num.astype(dtype) / den_safe.astype(dtype)
+    ratio = jnp.where(num == den, jnp.ones((), dtype), ratio)
+    ratio = jnp.where(num == 0, jnp.zeros((), dtype), ratio)
+    return jnp.where(den > 0, ratio, jnp.ones((), dtype))
 
 
 def _pow(base, x: jax.Array, dtype) -> jax.Array:

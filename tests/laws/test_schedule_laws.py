@@ -18,8 +18,10 @@ from hypothesis import strategies as st
 import gradtx
 from gradtx import schedules as S
 
-value = st.floats(-3.0, 3.0)
-nonneg = st.floats(0.0, 3.0)
+# XLA on CPU flushes float32 subnormals to zero, so values below the smallest normal float32 are
+# drawn as 0 (a schedule cannot hold a subnormal learning rate on this backend)
+value = st.floats(-3.0, 3.0).map(lambda v: 0.0 if abs(v) < 1e-30 else v)
+nonneg = st.floats(0.0, 3.0).map(lambda v: 0.0 if v < 1e-30 else v)
 length = st.integers(1, 12)
 
 
