@@ -36,6 +36,9 @@ from gradtx.optimizers import (adabelief, adadelta, adafactor, adagrad, adam, ad
                                amsgrad, lamb, lars, lion, nadam, nadamw, radam, rmsprop, sgd,
                                sign_sgd)
 from gradtx.porting import from_torch
+from gradtx.quantization import (DEFAULT_UNSIGNED_FIELDS, QuantizedArray, QuantizedState,
+                                 dequantize_blockwise, dynamic_map, quantize_blockwise,
+                                 quantized_state)
 from gradtx.precision import (DynamicLossScaleState, MasterWeightsState, NoMasterCopy,
                               StochasticRoundingState, dynamic_loss_scale, loss_scale,
                               master_weights, stochastic_round, stochastic_rounding)

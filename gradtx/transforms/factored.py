@@ -148,10 +148,11 @@ class scale_by_factored_rms(Transform):
 
     def _check_shapes(self, updates, state):
         """Each leaf's statistics must have the shapes this leaf's init gives (error names the path)."""
+        treedef = jax.tree.structure(updates)
+        if any(jax.tree.structure(t) != treedef for t in (state.v, state.v_row, state.v_col)):
+            return  # a structure mismatch: map_leaves reports it with the first differing path
         leaves = jax.tree_util.tree_flatten_with_path(updates)[0]
         stats = [jax.tree.leaves(tree) for tree in (state.v, state.v_row, state.v_col)]
-        if any(len(x) != len(leaves) for x in stats):
-            return  # a structure mismatch: map_leaves reports it with the first differing path
         for (path, g), full, row, col in zip(leaves, *stats):
             shape = tuple(jnp.shape(g))
             axes = self._axes(shape)
