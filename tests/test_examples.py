@@ -14,8 +14,8 @@ import sys
 import numpy as np
 import pytest
 
-pytest.importorskip("matplotlib")
-pytest.importorskip("flax")
+import matplotlib  # noqa: E402,F401  (installed by the test extra)
+import flax  # noqa: E402,F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
