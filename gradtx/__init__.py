@@ -36,6 +36,7 @@ from gradtx.optimizers import (adabelief, adadelta, adafactor, adagrad, adam, ad
                                amsgrad, lamb, lars, lion, nadam, nadamw, radam, rmsprop, sgd,
                                sign_sgd)
 from gradtx.porting import from_torch
+from gradtx.fastpath import FlattenState, flatten
 from gradtx.quantization import (DEFAULT_UNSIGNED_FIELDS, QuantizedArray, QuantizedState,
                                  dequantize_blockwise, dynamic_map, quantize_blockwise,
                                  quantized_state)

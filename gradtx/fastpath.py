@@ -1,0 +1,237 @@
+"""A flattened fast path for many-leaf models: run an elementwise optimizer on one buffer per dtype.
+
+An optimizer step over a tree of ``n`` leaves compiles to ``O(n)`` loops and keeps ``O(n)`` state
+arrays: with thousands of small leaves, XLA's compile time and the per-leaf dispatch of the step
+dominate, not the arithmetic. :class:`flatten` wraps any *elementwise* transform (or chain) so that
+it runs on the concatenation of all leaves of each dtype instead::
+
+    flat grads   = {dtype: concatenate([ravel(g) for every leaf g of that dtype])}
+    flat params  = the same for the parameters (when ``update`` is given params)
+    flat updates, inner_state = inner.update(flat grads, inner_state, flat params)
+    updates      = flat updates split back into the tree (slices + reshapes)
+
+The inner state is kept flat: its moments are one 1-D array per dtype (``{"float32": ...,
+"bfloat16": ...}``), so the optimizer state has ``O(#dtypes)`` leaves instead of ``O(#leaves)``.
+The parameters and gradients are still trees at the jit boundary (passing ``n`` arrays into the
+compiled step still costs per leaf), and the concatenation and the split are extra passes over the
+gradients (and the parameters, for transforms that read them) that XLA fuses into neighbouring loops
+where it can.
+
+**Which inner transforms are valid.** Exactly those whose update treats every element
+independently, with at most *global* reductions over the whole tree: ``sgd`` (momentum, Nesterov),
+``adam``/``adamw``/``nadam``/``amsgrad``/``adamax``/``radam``, ``adabelief``, ``lion``, ``sign_sgd``,
+``rmsprop``, ``adagrad``, ``adadelta``, ``clip``, ``clip_by_global_norm`` (the global norm of the
+concatenation is the tree's global norm), schedules, :func:`gradtx.inject_hyperparams`,
+:func:`gradtx.skip_nonfinite`, :func:`gradtx.accumulate_gradients`. For these the updates perform
+the same floating-point operations on the same values as the plain path: bit-identical when run
+op by op; under ``jit`` XLA fuses the two programs differently and results may differ in the last
+bit (``clip_by_global_norm`` also sums in another order). Transforms
+that need each leaf's shape or norm -- LAMB/LARS (:class:`gradtx.scale_by_trust_ratio`), Adafactor
+(:class:`gradtx.scale_by_factored_rms`), :class:`gradtx.scale_by_param_block_rms`,
+:class:`gradtx.clip_by_block_rms`, :class:`gradtx.adaptive_grad_clip` -- are rejected when the
+wrapper is built, as are masks and labels (``mask=`` of weight decay, :func:`gradtx.masked`,
+:func:`gradtx.partition`, :func:`gradtx.freeze`) other than a single ``True``/``False`` for the
+whole tree: a mask describes the parameter tree, which the inner transform no longer sees. To
+decay only some parameters, put the flattening *inside* the partition, one flat group per label::
+
+    gradtx.partition({"decay": gradtx.flatten(gradtx.adamw(1e-3, weight_decay=0.1)),
+                      "no_decay": gradtx.flatten(gradtx.adam(1e-3))}, labels)
+
+Foreign (Optax) inner transforms cannot be inspected; they must be elementwise too. Wrappers that
+keep copies of the parameters in their state (:func:`gradtx.ema_params`, :func:`gradtx.swa`) keep
+them flat, so :func:`gradtx.averaged_params` returns the flat dict.
+
+Updates must have their parameters' dtypes (the usual case); the leaves are grouped by dtype in the
+order of ``jax.tree.leaves``, in ``init`` from the parameters and in ``update`` from the updates.
+Optax's ``optax.flatten`` is similar but ravels everything into a single buffer (promoting mixed
+dtypes to one) and does not check that the inner transform is elementwise; torch's ``fused``/``foreach`` optimizers get a similar effect from
+multi-tensor kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from gradtx.base import Transform, option, transform
+from gradtx.combine import FrozenTree, _check_member, _is_transform_like, call_update
+from gradtx.tree import TreeMismatchError, first_difference
+from gradtx.transforms.clipping import adaptive_grad_clip, clip_by_block_rms
+from gradtx.transforms.factored import scale_by_factored_rms, scale_by_param_block_rms
+from gradtx.transforms.trust_ratio import scale_by_trust_ratio
+
+__all__ = ["flatten", "FlattenState"]
+
+_PER_LEAF = (scale_by_trust_ratio, scale_by_factored_rms, scale_by_param_block_rms,
+             clip_by_block_rms, adaptive_grad_clip)
+_TREE_SPEC_FIELDS = ("mask", "labels")
+
+
+class FlattenState(NamedTuple):
+    """State of :class:`flatten`: the inner transform's state over the flat per-dtype buffers."""
+
+    inner_state: Any
+
+
+def _is_whole_tree_spec(value) -> bool:
+    """A mask/label spec that is one value for the whole tree (so it means the same when flat)."""
+    if value is None or isinstance(value, bool):
+        return True
+    return (isinstance(value, FrozenTree) and jax.tree_util.treedef_is_leaf(value.treedef)
+            and len(value.leaves) == 1)
+
+
+def _check_elementwise(tx, where: str) -> None:
+    """Reject transforms (anywhere inside ``tx``) that need the tree's per-leaf structure."""
+    if isinstance(tx, _PER_LEAF):
+        raise ValueError(
+            f"flatten: {where} is {tx!r}, which computes per-leaf norms or statistics; on the "
+            f"flat per-dtype buffers it would treat the whole model as one leaf and compute a "
+            f"different update. Use it without gradtx.flatten (or flatten only the elementwise "
+            f"part of the optimizer).")
+    if not (isinstance(tx, Transform) and dataclasses.is_dataclass(tx)):
+        return
+    for f in dataclasses.fields(tx):
+        value = getattr(tx, f.name)
+        if f.name in _TREE_SPEC_FIELDS and not _is_whole_tree_spec(value):
+            raise ValueError(
+                f"flatten: {where} is {tx!r}, whose {f.name} describes the parameter tree; inside "
+                f"gradtx.flatten the inner transform sees one flat buffer per dtype, not the tree. "
+                f"Put gradtx.flatten inside the mask/partition instead, e.g. "
+                f"gradtx.partition({{'decay': gradtx.flatten(...), 'rest': gradtx.flatten(...)}}, "
+                f"labels).")
+        if _is_transform_like(value) and not isinstance(value, type):
+            _check_elementwise(value, f"{where}.{f.name}")
+        elif isinstance(value, tuple):
+            for i, item in enumerate(value):
+                if _is_transform_like(item) and not isinstance(item, type):
+                    _check_elementwise(item, f"{where}.{f.name}[{i}]")
+                elif (isinstance(item, tuple) and len(item) == 2 and _is_transform_like(item[1])
+                      and not isinstance(item[1], type)):
+                    _check_elementwise(item[1], f"{where}.{f.name}[{item[0]!r}]")
+
+
+def _dtype_name(leaf) -> str:
+    return jnp.dtype(jnp.result_type(leaf)).name
+
+
+def _group(leaves) -> dict:
+    """``{dtype name: [leaf index, ...]}`` in order of first appearance, indices in tree order."""
+    groups: dict = {}
+    for i, leaf in enumerate(leaves):
+        groups.setdefault(_dtype_name(leaf), []).append(i)
+    return groups
+
+
+def _size(leaf) -> int:
+    return math.prod(jnp.shape(leaf))
+
+
+def _concat(leaves, groups) -> dict:
+    """One 1-D buffer per dtype group (abstract leaves give an abstract buffer)."""
+    flat = {}
+    for name, idx in groups.items():
+        parts = [leaves[i] for i in idx]
+        if all(isinstance(p, jax.ShapeDtypeStruct) for p in parts):
+            flat[name] = jax.ShapeDtypeStruct((sum(_size(p) for p in parts),), jnp.dtype(name))
+            continue
+        raveled = [jnp.reshape(jnp.asarray(p), (-1,)) for p in parts]
+        flat[name] = raveled[0] if len(raveled) == 1 else jnp.concatenate(raveled)
+    return flat
+
+
+@transform
+class flatten(Transform):
+    """Run an elementwise ``inner`` transform on one concatenated 1-D buffer per dtype.
+
+    ``flatten(inner)`` has the math of ``inner`` -- for elementwise transforms the same operations
+    on the same values (bit-identical op by op, within the last bit under ``jit``) -- but its state
+    holds one array per dtype (per moment) instead of one per parameter leaf: a third of the
+    fusions and no per-leaf state. Measured on a 2-core CPU (AdamW, 64×64 leaves): the donated step
+    is 0.65× Optax's at 1,000 leaves but 1.4× at 3,000, and compilation is *slower* than the plain
+    path from about 300 leaves on (XLA's CPU compiler is slow on many-operand concatenates and
+    slices), so measure before adopting it for compile time.
+    ``inner`` must be elementwise (see :mod:`gradtx.fastpath`): per-leaf-norm transforms (LAMB,
+    LARS, Adafactor, block-RMS clipping, AGC) and tree masks/labels inside ``inner`` raise
+    ``ValueError`` here. State: :class:`FlattenState` ``(inner_state)``, where ``inner_state`` is
+    ``inner``'s state over ``{dtype name: 1-D buffer}``. Extra ``update`` keyword arguments are
+    forwarded to ``inner``. Optax: ``optax.flatten`` is the closest (one buffer for all dtypes); torch:
+    the multi-tensor (``foreach``/``fused``) optimizers.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, gradtx
+        >>> params = {"w": jnp.ones((2, 2)), "b": jnp.zeros(3, jnp.bfloat16)}
+        >>> from gradtx.fastpath import flatten
+        >>> tx = flatten(gradtx.adam(0.5))
+        >>> state = tx.init(params)
+        >>> jax.tree.map(jnp.shape, state.inner_state[0].mu)
+        {'bfloat16': (3,), 'float32': (4,)}
+        >>> grads = jax.tree.map(jnp.ones_like, params)
+        >>> updates, state = tx.update(grads, state, params)
+        >>> updates["w"].tolist(), updates["b"].dtype
+        ([[-0.5, -0.5], [-0.5, -0.5]], dtype(bfloat16))
+        >>> plain = gradtx.adam(0.5)
+        >>> expected, _ = plain.update(grads, plain.init(params), params)
+        >>> all(bool((a == b).all()) for a, b in zip(jax.tree.leaves(updates),
+        ...                                          jax.tree.leaves(expected)))
+        True
+    """
+
+    inner: Any = option()
+
+    def _check(self):
+        _check_member("flatten", self.inner, "inner")
+        _check_elementwise(self.inner, "inner")
+
+    def __repr__(self):
+        return f"flatten({self.inner!r})"
+
+    def init(self, params):
+        leaves = jax.tree.leaves(params)
+        return FlattenState(self.inner.init(_concat(leaves, _group(leaves))))
+
+    def update(self, updates, state, params=None, **extra):
+        leaves, treedef = jax.tree.flatten(updates)
+        groups = _group(leaves)
+        flat_params = None
+        if params is not None:
+            param_leaves, param_def = jax.tree.flatten(params)
+            if param_def != treedef:
+                raise TreeMismatchError(
+                    f"flatten: the updates do not have the structure of the params "
+                    f"({first_difference(updates, params)}); pass the parameters the gradients "
+                    f"were computed for.")
+            for i, (u, p) in enumerate(zip(leaves, param_leaves)):
+                if _dtype_name(u) != _dtype_name(p):
+                    path = jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(updates)[0][i][0])
+                    raise TypeError(
+                        f"flatten: the update at {path} has dtype {_dtype_name(u)} but its "
+                        f"parameter has dtype {_dtype_name(p)}; flatten groups leaves by dtype and "
+                        f"needs updates in their parameters' dtypes (cast the gradients first).")
+            flat_params = _concat(param_leaves, groups)
+        flat_updates, inner_state = call_update(self.inner, _concat(leaves, groups),
+                                                state.inner_state, flat_params, extra)
+        if not isinstance(flat_updates, dict) or set(flat_updates) != set(groups):
+            raise TreeMismatchError(
+                f"flatten: {self.inner!r} returned updates that are not one buffer per dtype "
+                f"({sorted(groups)}); the inner transform must be elementwise.")
+        out = [None] * len(leaves)
+        for name, idx in groups.items():
+            buf = flat_updates[name]
+            total = sum(_size(leaves[i]) for i in idx)
+            if jnp.shape(buf) != (total,):
+                raise TreeMismatchError(
+                    f"flatten: the {name} updates have {total} elements in total but the inner "
+                    f"transform returned a buffer of shape {jnp.shape(buf)}; was the state "
+                    f"initialised with different parameters?")
+            offset = 0
+            for i in idx:
+                n = _size(leaves[i])
+                piece = jax.lax.slice_in_dim(buf, offset, offset + n)
+                out[i] = jnp.reshape(piece, jnp.shape(leaves[i]))
+                offset += n
+        return treedef.unflatten(out), FlattenState(inner_state)
