@@ -758,6 +758,8 @@ class one_cycle(Schedule):
             else:
                 wa, wb = v, u
             phase_value = _mix(a, wa, b, wb)
+            # exactly on a phase boundary the value is exactly that boundary's value
+            phase_value = jnp.where(v == 0, b, jnp.where(u == 0, a, phase_value))
             # torch picks the first phase whose end is >= step: step <= start -> earlier phase
             value = phase_value if value is None else jnp.where(dist(s_pt, start) >= 0, value,
                                                                  phase_value)
@@ -804,8 +806,10 @@ class cyclic(Schedule):
             amp = jnp.exp2(-(t // size).astype(dtype))
         else:
             amp = _pow(self.gamma, t.astype(dtype), dtype)
-        base = _f(self.base_value, dtype)
-        return base + (_f(self.max_value, dtype) - base) * (h * amp)
+        base, top = _f(self.base_value, dtype), _f(self.max_value, dtype)
+        weight = h * amp
+        # at the peak the value is exactly max_value (base + (max - base) may round away from it)
+        return jnp.where(weight == 1, top, base + (top - base) * weight)
 
 
 @_schedule
