@@ -116,23 +116,13 @@ def validate_fields(obj) -> None:
     obj._check()
 
 
-class Transform:
-    """Base class of every gradtx gradient transformation.
+class Declared:
+    """What transforms and schedules share: declared, validated fields and a call-like ``repr``.
 
-    Subclasses are decorated with :func:`transform` (a frozen dataclass), declare their
-    hyperparameters with :func:`hyperparameter`/:func:`option`, and implement::
-
-        init(params) -> state
-        update(updates, state, params=None, **extra) -> (updates, state)
-
-    ``update`` must accept and ignore unknown keyword arguments (the one protocol: combinators pass
-    everything through). ``state`` is a NamedTuple with named fields whose structure never changes.
-
-    The base provides validation at construction (from the field declarations, then the optional
-    ``_check`` hook for cross-field rules), a ``repr`` that reads like the call that built the
-    transform (only arguments that differ from their defaults are shown), value equality and hashing.
-    It is interoperable with Optax: ``optax.chain`` and ``flax.nnx.Optimizer`` accept gradtx
-    transforms as they are.
+    Subclasses are frozen dataclasses whose fields are declared with :func:`hyperparameter` and
+    :func:`option`; ``__post_init__`` validates them (:func:`validate_fields`) and runs the
+    ``_check`` hook for cross-field rules; the ``repr`` shows the arguments that differ from their
+    defaults, so it reads like the call that built the object.
     """
 
     def __post_init__(self):
@@ -144,19 +134,6 @@ class Transform:
     @property
     def name(self) -> str:
         return type(self).__name__
-
-    def init(self, params):  # pragma: no cover - the abstract protocol
-        raise NotImplementedError(f"{self.name} does not implement init")
-
-    def update(self, updates, state, params=None, **extra):  # pragma: no cover
-        raise NotImplementedError(f"{self.name} does not implement update")
-
-    def require_params(self, params) -> None:
-        """Raise a clear error when a transform that reads params is called without them."""
-        if params is None:
-            raise ValueError(
-                f"{self!r} needs the current parameters: call "
-                f"tx.update(grads, state, params) (params=None was given).")
 
     def _repr_args(self) -> list[str]:
         args = []
@@ -177,6 +154,39 @@ class Transform:
 
     def __repr__(self) -> str:
         return f"{self.name}({', '.join(self._repr_args())})"
+
+
+class Transform(Declared):
+    """Base class of every gradtx gradient transformation.
+
+    Subclasses are decorated with :func:`transform` (a frozen dataclass), declare their
+    hyperparameters with :func:`hyperparameter`/:func:`option`, and implement::
+
+        init(params) -> state
+        update(updates, state, params=None, **extra) -> (updates, state)
+
+    ``update`` must accept and ignore unknown keyword arguments (the one protocol: combinators pass
+    everything through). ``state`` is a NamedTuple with named fields whose structure never changes.
+
+    The base provides validation at construction (from the field declarations, then the optional
+    ``_check`` hook for cross-field rules), a ``repr`` that reads like the call that built the
+    transform (only arguments that differ from their defaults are shown), value equality and hashing.
+    It is interoperable with Optax: ``optax.chain`` and ``flax.nnx.Optimizer`` accept gradtx
+    transforms as they are.
+    """
+
+    def init(self, params):  # pragma: no cover - the abstract protocol
+        raise NotImplementedError(f"{self.name} does not implement init")
+
+    def update(self, updates, state, params=None, **extra):  # pragma: no cover
+        raise NotImplementedError(f"{self.name} does not implement update")
+
+    def require_params(self, params) -> None:
+        """Raise a clear error when a transform that reads params is called without them."""
+        if params is None:
+            raise ValueError(
+                f"{self!r} needs the current parameters: call "
+                f"tx.update(grads, state, params) (params=None was given).")
 
 
 class EmptyState(NamedTuple):

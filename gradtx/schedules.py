@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from gradtx import _validate
-from gradtx.base import Transform, hyperparameter, option, validate_fields
+from gradtx.base import Declared, hyperparameter, option
 
 __all__ = [
     "Schedule", "constant", "linear", "polynomial", "exponential", "piecewise_constant",
@@ -66,7 +66,7 @@ def _static(x) -> bool:
     return not _validate.is_traced(x)
 
 
-class Schedule:
+class Schedule(Declared):
     """Base class of the gradtx schedules: a frozen dataclass mapping a step to a float32 value.
 
     Subclasses declare their arguments with :func:`gradtx.hyperparameter` / :func:`gradtx.option`
@@ -88,21 +88,6 @@ class Schedule:
         >>> s == gradtx.schedules.linear(1.0, 0.0, 4), hash(s) == hash(gradtx.schedules.linear(1.0, 0.0, 4))
         (True, True)
     """
-
-    def __post_init__(self):
-        validate_fields(self)
-
-    def _check(self) -> None:
-        """Cross-field validation hook; raise ValueError naming the arguments."""
-
-    @property
-    def name(self) -> str:
-        return type(self).__name__
-
-    _repr_args = Transform._repr_args
-
-    def __repr__(self) -> str:
-        return f"{self.name}({', '.join(self._repr_args())})"
 
     def __call__(self, step) -> jax.Array:
         t = jnp.asarray(step)
