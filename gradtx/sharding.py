@@ -387,6 +387,10 @@ def zero_shardings(tx, params, mesh, axis: str | Sequence[str] = "data", shardin
             spec = _partition(r["param_spec"], r["param_shape"], mesh, axes, min_size)
             if r["kind"] == _DERIVED:
                 spec = spec[:r["dropped"]] + spec[r["dropped"] + 1:]
+        elif r["param"] is None and len(r["leaf"].shape) >= 1:
+            # per-parameter state stored in another shape (e.g. the 8-bit codes and per-block
+            # scales of quantized_state): partitioned on its own largest divisible dimension
+            spec = _partition(spec, tuple(r["leaf"].shape), mesh, axes, min_size)
         src = given[r["param"]] if r["param"] is not None else None
         memory_kind = src.memory_kind if isinstance(src, NamedSharding) else None
         out.append(NamedSharding(mesh, _to_spec(spec), memory_kind=memory_kind))

@@ -58,6 +58,8 @@ def optimizers():
         "adafactor": gradtx.adafactor(1e-2, min_dim_size_to_factor=8),
         "lars": gradtx.lars(0.1, weight_decay=1e-3, trust_coefficient=0.01),
         "clip+adamw": gradtx.chain(gradtx.clip_by_global_norm(0.1), gradtx.adamw(1e-2)),
+        # 8-bit state; min_size lowered so this small model's matrices are quantized
+        "adamw-8bit": gradtx.quantized_state(gradtx.adamw(1e-2, weight_decay=1e-2), min_size=256),
     }
 
 
