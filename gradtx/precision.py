@@ -23,7 +23,8 @@ import jax.numpy as jnp
 from gradtx import _validate, numerics
 from gradtx.base import Transform, add_update, hyperparameter, option, transform
 from gradtx.combine import _check_member, call_update
-from gradtx.tree import TreeMismatchError, first_difference, map_leaves
+from gradtx.tree import (TreeMismatchError, all_finite, first_difference, map_leaves,
+                         zeros_like)
 
 __all__ = [
     "master_weights", "MasterWeightsState", "NoMasterCopy",
@@ -406,9 +407,7 @@ class dynamic_loss_scale(Transform):
             return g / scale.astype(g.dtype)
 
         grads = map_leaves(self.name, unscale, updates)
-        finite = jnp.ones((), bool)
-        for leaf in jax.tree.leaves(grads):
-            finite = finite & jnp.all(jnp.isfinite(leaf))
+        finite = all_finite(grads)
 
         def run_inner(inner_state):
             return call_update(self.inner, grads, inner_state, params, extra)
@@ -416,8 +415,7 @@ class dynamic_loss_scale(Transform):
         shapes = jax.eval_shape(run_inner, state.inner_state)[0]
 
         def hold(inner_state):
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-            return zeros, inner_state
+            return zeros_like(shapes), inner_state
 
         new_updates, inner_state = jax.lax.cond(finite, run_inner, hold, state.inner_state)
 

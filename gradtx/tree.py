@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "TreeMismatchError", "map_leaves", "zeros_like", "cast", "global_norm", "leaf_norms",
+    "TreeMismatchError", "map_leaves", "zeros_like", "cast", "global_norm", "leaf_norm",
+    "leaf_norms", "all_finite",
     "first_difference", "keystr", "full_like",
 ]
 
@@ -133,6 +134,19 @@ def global_norm(tree) -> jax.Array:
     return jnp.sqrt(total)
 
 
+def leaf_norm(x) -> jax.Array:
+    """The L2 (Frobenius) norm of one leaf, accumulated in float32 (float64 for float64 leaves)."""
+    return jnp.sqrt(_sum_of_squares(x))
+
+
 def leaf_norms(tree):
     """The L2 norm of each leaf (float32 scalars), as a tree of the same structure."""
-    return jax.tree.map(lambda x: jnp.sqrt(_sum_of_squares(x)), tree)
+    return jax.tree.map(leaf_norm, tree)
+
+
+def all_finite(tree) -> jax.Array:
+    """A boolean scalar: True when every element of every leaf is finite (no NaN, no ±Inf)."""
+    ok = jnp.ones((), bool)
+    for leaf in jax.tree.leaves(tree):
+        ok = ok & jnp.all(jnp.isfinite(leaf))
+    return ok

@@ -28,7 +28,7 @@ from gradtx import _validate, numerics
 from gradtx.base import _HYPER, Transform, add_update, hyperparameter, option, transform
 from gradtx.combine import (FrozenTree, _check_member, _freeze_spec, _is_bool,
                             _is_transform_like, _merge, _resolve, _select, call_update)
-from gradtx.tree import TreeMismatchError, map_leaves
+from gradtx.tree import TreeMismatchError, all_finite, map_leaves, zeros_like
 
 __all__ = [
     "inject_hyperparams", "InjectHyperparamsState", "set_hyperparam", "current_hyperparams",
@@ -390,17 +390,6 @@ def _collect(tx, state, prefix, which, injected, out):
 # Shared helpers for the wrappers
 
 
-def _zeros_shaped_like(shapes):
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-
-def _all_finite(tree) -> jax.Array:
-    ok = jnp.ones((), bool)
-    for leaf in jax.tree.leaves(tree):
-        ok = ok & jnp.all(jnp.isfinite(leaf))
-    return ok
-
-
 def _average_dtype(requested, leaf):
     if requested is not None:
         return jnp.dtype(requested)
@@ -496,7 +485,7 @@ class accumulate_gradients(Transform):
         shapes = jax.eval_shape(run_inner, grad_sum, state.inner_state)[0]
 
         def hold(grad_sum, inner_state):
-            return _zeros_shaped_like(shapes), inner_state, grad_sum
+            return zeros_like(shapes), inner_state, grad_sum
 
         new_updates, inner_state, grad_sum = jax.lax.cond(apply, run_inner, hold, grad_sum,
                                                           state.inner_state)
@@ -559,7 +548,7 @@ class skip_nonfinite(Transform):
         return SkipNonfiniteState(self.inner.init(params), zero, zero, jnp.zeros((), bool))
 
     def update(self, updates, state, params=None, **extra):
-        finite = _all_finite(updates)
+        finite = all_finite(updates)
         if self.max_consecutive_skips is None:
             skip = ~finite
         else:
@@ -571,7 +560,7 @@ class skip_nonfinite(Transform):
         shapes = jax.eval_shape(run_inner, state.inner_state)[0]
 
         def hold(inner_state):
-            return _zeros_shaped_like(shapes), inner_state
+            return zeros_like(shapes), inner_state
 
         new_updates, inner_state = jax.lax.cond(skip, hold, run_inner, state.inner_state)
         streak = jnp.where(finite, jnp.zeros((), jnp.int32),

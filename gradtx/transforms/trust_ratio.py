@@ -8,13 +8,7 @@ import jax.numpy as jnp
 
 from gradtx import _validate, numerics
 from gradtx.base import EmptyState, Transform, hyperparameter, option, transform
-from gradtx.tree import map_leaves
-
-
-def _norm(x) -> jnp.ndarray:
-    """The Frobenius norm of a leaf, accumulated in float32 (float64 for float64 leaves)."""
-    x = numerics.as_compute(x)
-    return jnp.sqrt(jnp.sum(numerics.abs_sq(x)))
+from gradtx.tree import leaf_norm, map_leaves
 
 
 __all__ = ["scale_by_trust_ratio"]
@@ -114,11 +108,12 @@ class scale_by_trust_ratio(Transform):
             u_c, p_c = numerics.as_compute(u), p.astype(ct)
             rt = jnp.float64 if ct == jnp.float64 else jnp.float32
             cast = lambda x: x.astype(rt)  # noqa: E731
-            p_norm = jnp.maximum(cast(_norm(p_c)), cast(min_norm))
+            p_norm = jnp.maximum(cast(leaf_norm(p_c)), cast(min_norm))
             if self.form == "lamb":
-                denom_norm = jnp.maximum(cast(_norm(u_c)), cast(min_norm))
+                denom_norm = jnp.maximum(cast(leaf_norm(u_c)), cast(min_norm))
             else:
-                g_norm = jnp.maximum(cast(_norm(u_c - cast(wd).astype(ct) * p_c)), cast(min_norm))
+                g_c = u_c - cast(wd).astype(ct) * p_c
+                g_norm = jnp.maximum(cast(leaf_norm(g_c)), cast(min_norm))
                 denom_norm = g_norm + cast(wd) * p_norm
             degenerate = (p_norm == 0) | (denom_norm == 0)
             safe_denom = jnp.where(degenerate, jnp.ones_like(denom_norm), denom_norm + cast(eps))
