@@ -63,6 +63,7 @@ def machine_info() -> dict:
     return dict(cpu=cpu, cpu_flags=flags, cores=os.cpu_count(), memory_gb=mem_gb,
                 platform=dev.platform, device_kind=getattr(dev, "device_kind", str(dev)),
                 device_count=jax.device_count(), versions=versions, git=git,
+                xla_flags=os.environ.get("XLA_FLAGS") or None,
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
 
 
@@ -167,5 +168,6 @@ def machine_lines(info: dict, command: str, load_before, load_after, elapsed_s: 
         f"- Versions: python {v.get('python')}, jax {v.get('jax')}, jaxlib {v.get('jaxlib')}, "
         f"optax {v.get('optax')}, torch {v.get('torch')} ({v.get('torch_threads', '?')} threads), "
         f"numpy {v.get('numpy')}",
+        f"- XLA_FLAGS: `{info['xla_flags']}`" if info.get("xla_flags") else "- XLA_FLAGS: none",
         f"- Load average (1, 5, 15 min) before: {load_before}, after: {load_after}",
     ])

@@ -40,6 +40,10 @@ def parse_args(argv=None):
     p.add_argument("--no-optax", action="store_true", help="skip the Optax peers")
     p.add_argument("--write-results", nargs="?", const=RESULTS_PATH, metavar="FILE",
                    help=f"(re)write the published results file (default {RESULTS_PATH})")
+    p.add_argument("--xla-flags", metavar="FLAGS",
+                   help="XLA flags for every candidate (appended to $XLA_FLAGS before JAX starts), "
+                        "e.g. --xla-flags=--xla_cpu_copy_insertion_use_region_analysis=true; "
+                        "recorded with the results")
     p.add_argument("--note", action="append", default=[],
                    help="a line added to the notes of the results file (repeatable)")
     args = p.parse_args(argv)
@@ -53,6 +57,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.xla_flags:
+        # read by XLA when the first backend starts, which has not happened yet
+        os.environ["XLA_FLAGS"] = " ".join(x for x in (os.environ.get("XLA_FLAGS"), args.xla_flags) if x)
     import jax
 
     from benchmarks import harness, report
