@@ -66,7 +66,21 @@ def option(default: Any = dataclasses.MISSING, *, choices: tuple | None = None, 
 
     ``kind`` is ``"bool"`` (must be True/False), ``"dtype"`` (a floating dtype or None, stored as its
     name so the transform stays hashable and readable), ``"choice"`` (one of ``choices``) or ``"any"``
-    (checked by the transform itself in ``_check``).
+    (checked by the transform itself in ``_check``). Options fix the program (a bool branches in
+    Python, a dtype sizes the state), so :func:`gradtx.inject_hyperparams` never traces them.
+
+    Example:
+        >>> import gradtx
+        >>> @gradtx.transform
+        ... class scale_by_mode(gradtx.Transform):
+        ...     mode: str = gradtx.option("mean", choices=("mean", "sum"))
+        ...     accumulator_dtype: object = gradtx.option(None, kind="dtype")
+        >>> scale_by_mode(accumulator_dtype="bfloat16")
+        scale_by_mode(accumulator_dtype='bfloat16')
+        >>> scale_by_mode(mode="max")
+        Traceback (most recent call last):
+        ...
+        ValueError: scale_by_mode: mode='max' is not one of ['mean', 'sum'].
     """
     if choices is not None:
         kind = "choice"
@@ -75,7 +89,24 @@ def option(default: Any = dataclasses.MISSING, *, choices: tuple | None = None, 
 
 
 def transform(cls):
-    """Class decorator that makes a :class:`Transform` subclass a frozen, value-equal dataclass."""
+    """Class decorator that makes a :class:`Transform` subclass a frozen, value-equal dataclass.
+
+    Frozen (a transform cannot change after it is built, so it is safe as a static ``jit``
+    argument), equal and hashed by value (two equal transforms share compiled code), and with the
+    base class's call-like ``repr`` instead of the dataclass one. Optax transforms are
+    ``NamedTuple``s of functions, equal only by identity.
+
+    Example:
+        >>> import gradtx
+        >>> @gradtx.transform
+        ... class scale_by_half(gradtx.Transform):
+        ...     def init(self, params):
+        ...         return gradtx.EmptyState()
+        ...     def update(self, updates, state, params=None, **extra):
+        ...         return gradtx.tree.map_leaves(self.name, lambda g: g / 2, updates), state
+        >>> scale_by_half() == scale_by_half(), hash(scale_by_half()) == hash(scale_by_half())
+        (True, True)
+    """
     return dataclasses.dataclass(frozen=True, repr=False, eq=True)(cls)
 
 
@@ -173,6 +204,31 @@ class Transform(Declared):
     transform (only arguments that differ from their defaults are shown), value equality and hashing.
     It is interoperable with Optax: ``optax.chain`` and ``flax.nnx.Optimizer`` accept gradtx
     transforms as they are.
+
+    Example (a complete primitive: a hyperparameter, a named state, a per-leaf map)::
+
+        >>> from typing import Any, NamedTuple
+        >>> import jax.numpy as jnp, gradtx
+        >>> class ScaleByRunningMaxState(NamedTuple):
+        ...     peak: Any
+        >>> @gradtx.transform
+        ... class scale_by_running_max(gradtx.Transform):
+        ...     floor: float = gradtx.hyperparameter(1e-8, low=0.0, low_open=True)
+        ...     def init(self, params):
+        ...         return ScaleByRunningMaxState(gradtx.tree.zeros_like(params))
+        ...     def update(self, updates, state, params=None, **extra):
+        ...         def one(g, peak):
+        ...             peak = jnp.maximum(peak, jnp.abs(g))
+        ...             return g / jnp.maximum(peak, self.floor), peak
+        ...         u, peak = gradtx.tree.map_leaves(self.name, one, updates, state.peak,
+        ...                                          names=("peak",), outputs=2)
+        ...         return u, ScaleByRunningMaxState(peak)
+        >>> tx = gradtx.chain(scale_by_running_max(floor=1e-6), gradtx.scale_by_learning_rate(0.5))
+        >>> tx
+        chain(scale_by_running_max(floor=1e-06), scale_by_learning_rate(learning_rate=0.5))
+        >>> u, state = tx.update(jnp.array([2.0, -0.5]), tx.init(jnp.zeros(2)))
+        >>> u.tolist(), state[0].peak.tolist()
+        ([-0.5, 0.5], [2.0, 0.5])
     """
 
     def init(self, params):  # pragma: no cover - the abstract protocol
@@ -190,7 +246,15 @@ class Transform(Declared):
 
 
 class EmptyState(NamedTuple):
-    """The state of a stateless transform: a pytree with no leaves."""
+    """The state of a stateless transform: a pytree with no leaves.
+
+    It costs no memory and nothing to checkpoint; Optax's equivalent is ``optax.EmptyState``.
+
+    Example:
+        >>> import jax, gradtx
+        >>> jax.tree.leaves(gradtx.scale(0.5).init({"w": 1.0})), gradtx.EmptyState()
+        ([], EmptyState())
+    """
 
 
 @transform

@@ -162,7 +162,15 @@ class named_chain(Transform):
 class MaskedNode(NamedTuple):
     """Stands for a parameter (or subtree) that a masked inner transform does not see.
 
-    A pytree with no leaves: the inner transform keeps no state for it.
+    A pytree with no leaves: the inner transform keeps no state for it. Optax's
+    ``optax.MaskedNode`` plays the same role.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, gradtx
+        >>> tx = gradtx.masked(gradtx.trace(0.9), {"w": True, "b": False})
+        >>> state = tx.init({"w": jnp.zeros(2), "b": jnp.zeros(3)})
+        >>> state.inner_state.trace["b"], jax.tree.leaves(gradtx.MaskedNode())
+        (MaskedNode(), [])
     """
 
 

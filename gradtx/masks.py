@@ -125,6 +125,15 @@ class Selector:
 
     Subclasses are frozen dataclasses (hashable, equal by value) implementing ``_evaluate(entries)``
     on the list of ``(path, leaf)`` pairs. Combine selectors with ``&``, ``|`` and ``~``.
+    Optax has no selector objects (its masks are trees or plain functions).
+
+    Example:
+        >>> import jax.numpy as jnp, gradtx
+        >>> sel = gradtx.masks.rank(at_least=2) & ~gradtx.masks.paths("embed")
+        >>> isinstance(sel, gradtx.masks.Selector)
+        True
+        >>> sel({"embed": jnp.zeros((4, 2)), "w": jnp.zeros((2, 2)), "b": jnp.zeros(2)})
+        {'b': False, 'embed': False, 'w': True}
     """
 
     def _evaluate(self, entries) -> list[bool]:  # pragma: no cover - abstract

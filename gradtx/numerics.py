@@ -24,12 +24,26 @@ INT32_MAX = int(np.iinfo(np.int32).max)
 
 
 def init_count() -> jax.Array:
-    """A fresh step counter: int32 zero."""
+    """A fresh step counter: int32 zero.
+
+    Example:
+        >>> from gradtx import numerics
+        >>> c = numerics.init_count()
+        >>> c.dtype.name, int(c)
+        ('int32', 0)
+    """
     return jnp.zeros((), jnp.int32)
 
 
 def safe_increment(count: jax.Array) -> jax.Array:
-    """``count + 1``, saturating at the int32 maximum instead of wrapping to a negative step."""
+    """``count + 1``, saturating at the int32 maximum instead of wrapping to a negative step.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from gradtx import numerics
+        >>> int(numerics.safe_increment(jnp.int32(numerics.INT32_MAX))) == numerics.INT32_MAX
+        True
+    """
     count = jnp.asarray(count, jnp.int32)
     return jnp.where(count < INT32_MAX, count + jnp.ones((), jnp.int32), count)
 
@@ -38,6 +52,12 @@ def compute_dtype(dtype: Any) -> jnp.dtype:
     """The dtype arithmetic on a leaf of ``dtype`` is done in: at least float32.
 
     float64 stays float64 (under x64), complex stays complex, everything narrower becomes float32.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from gradtx import numerics
+        >>> numerics.compute_dtype(jnp.bfloat16).name, numerics.compute_dtype(jnp.float32).name
+        ('float32', 'float32')
     """
     dtype = jnp.dtype(dtype)
     if dtype in (jnp.dtype(jnp.float64), jnp.dtype(jnp.complex128), jnp.dtype(jnp.complex64)):
@@ -46,14 +66,28 @@ def compute_dtype(dtype: Any) -> jnp.dtype:
 
 
 def as_compute(x: jax.Array) -> jax.Array:
-    """``x`` cast to its compute dtype (see :func:`compute_dtype`)."""
+    """``x`` cast to its compute dtype (see :func:`compute_dtype`).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from gradtx import numerics
+        >>> numerics.as_compute(jnp.ones(2, jnp.float16)).dtype.name
+        'float32'
+    """
     x = jnp.asarray(x)
     ct = compute_dtype(x.dtype)
     return x if x.dtype == ct else x.astype(ct)
 
 
 def state_dtype(requested: str | None, leaf: Any) -> jnp.dtype:
-    """The storage dtype of a per-parameter state leaf: ``requested`` or, if None, the leaf's own."""
+    """The storage dtype of a per-parameter state leaf: ``requested`` or, if None, the leaf's own.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from gradtx import numerics
+        >>> numerics.state_dtype(None, jnp.ones(2, jnp.bfloat16)).name, numerics.state_dtype("float32", 1.0).name
+        ('bfloat16', 'float32')
+    """
     return jnp.dtype(requested) if requested is not None else jnp.result_type(leaf)
 
 
@@ -62,6 +96,12 @@ def value_at(hyper: Any, count: jax.Array) -> jax.Array:
 
     The result is a float32 array (a traced hyperparameter or a schedule's output is cast to
     float32, never to a parameter's low-precision dtype).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from gradtx import numerics
+        >>> float(numerics.value_at(0.5, None)), float(numerics.value_at(lambda t: 0.5 ** t, jnp.int32(3)))
+        (0.5, 0.125)
     """
     if _validate.is_schedule(hyper):
         return jnp.asarray(hyper(count), jnp.float32)
@@ -89,13 +129,25 @@ def bias_correction(decay: Any, count: jax.Array) -> jax.Array:
     computed as ``-expm1(count · log1p(decay - 1))``: ``decay - 1`` is exact in float32 for
     ``decay >= 0.5`` and neither step cancels, so the result is accurate to float32 rounding even for
     ``decay = 0.999`` at ``count = 1``. For ``decay == 0`` it is 1 for every ``count >= 1``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from gradtx import numerics
+        >>> float(numerics.bias_correction(0.5, jnp.int32(2)))
+        0.75
     """
     t = jnp.asarray(count, jnp.float32)
     return -jnp.expm1(t * log_decay(decay))
 
 
 def log_decay(decay: Any) -> jax.Array:
-    """``log(decay)`` in float32, accurate near 1 (via ``log1p(decay - 1)``); ``-inf`` at 0."""
+    """``log(decay)`` in float32, accurate near 1 (via ``log1p(decay - 1)``); ``-inf`` at 0.
+
+    Example:
+        >>> from gradtx import numerics
+        >>> float(numerics.log_decay(1.0)), float(numerics.log_decay(0.0))
+        (0.0, -inf)
+    """
     decay = hyper_array(decay)
     near_one = jnp.log1p(jnp.minimum(decay, jnp.ones_like(decay)) - 1.0)
     return jnp.where(decay >= 0.5, near_one, jnp.log(decay))
@@ -106,13 +158,27 @@ def hyper(value: Any, dtype: Any = jnp.float32) -> jax.Array:
 
     Every primitive reads its hyperparameters through this (or :func:`value_at`), so a Python float
     and the same value injected into the state as a float32 array give bit-identical results.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from gradtx import numerics
+        >>> x = numerics.hyper(0.1)
+        >>> x.dtype.name, float(x) == float(jnp.float32(0.1))
+        ('float32', True)
     """
     x = hyper_array(value)
     return x if jnp.dtype(dtype) == jnp.float32 else x.astype(dtype)
 
 
 def abs_sq(x: jax.Array) -> jax.Array:
-    """``|x|²``: ``x·x`` for real, ``x·conj(x)`` (real) for complex leaves."""
+    """``|x|²``: ``x·x`` for real, ``x·conj(x)`` (real) for complex leaves.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from gradtx import numerics
+        >>> numerics.abs_sq(jnp.array([3 + 4j])).tolist(), numerics.abs_sq(jnp.array([-2.0])).tolist()
+        ([25.0], [4.0])
+    """
     if jnp.iscomplexobj(x):
         return jnp.real(x * jnp.conj(x))
     return x * x

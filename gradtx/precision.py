@@ -50,6 +50,13 @@ class NoMasterCopy(NamedTuple):
 
     A pytree with no leaves (it costs no memory): the parameter is already at least as precise as
     the master dtype (a float32 parameter with float32 master weights), or is not floating-point.
+
+    Example:
+        >>> import jax.numpy as jnp, gradtx
+        >>> tx = gradtx.master_weights(gradtx.sgd(0.1))
+        >>> state = tx.init({"w": jnp.zeros(2, jnp.bfloat16), "b": jnp.zeros(2, jnp.float32)})
+        >>> state.master["w"].dtype.name, state.master["b"]
+        ('float32', NoMasterCopy())
     """
 
 

@@ -20,10 +20,33 @@ __all__ = [
 
 
 class TreeMismatchError(ValueError):
-    """A gradient tree does not match a transform's state or the parameters."""
+    """A gradient tree does not match a transform's state or the parameters.
+
+    Raised by :func:`map_leaves` (so by every primitive) before any arithmetic, naming the
+    transform, the first differing path and what differs (structure, shape or dtype). A subclass of
+    ``ValueError``; Optax raises whatever ``jax.tree.map`` raises instead.
+
+    Example:
+        >>> import jax.numpy as jnp, gradtx
+        >>> tx = gradtx.adam(1e-3)
+        >>> state = tx.init({"w": jnp.zeros(3)})
+        >>> try:
+        ...     tx.update({"w": jnp.zeros(4)}, state)
+        ... except gradtx.TreeMismatchError as e:
+        ...     print(type(e).__name__, "['w']" in str(e))
+        TreeMismatchError True
+    """
 
 
 def keystr(path) -> str:
+    """A key path as the text errors show (``['layer'][1]``); ``<root>`` for the empty path.
+
+    Example:
+        >>> import jax, gradtx
+        >>> path = jax.tree_util.tree_flatten_with_path({"layer": [1.0, 2.0]})[0][1][0]
+        >>> gradtx.tree.keystr(path), gradtx.tree.keystr(())
+        ("['layer'][1]", '<root>')
+    """
     return jax.tree_util.keystr(tuple(path)) or "<root>"
 
 
@@ -32,7 +55,13 @@ def _is_empty_node(x) -> bool:
 
 
 def first_difference(a, b) -> str:
-    """Describe the first path at which two pytrees differ in structure."""
+    """Describe the first path at which two pytrees differ in structure.
+
+    Example:
+        >>> import gradtx
+        >>> gradtx.tree.first_difference({"a": 1, "b": 2}, {"a": 1, "c": 2})
+        "at leaf 1: ['b'] vs ['c']"
+    """
     # empty named tuples (EmptyState, MaskedNode) have no leaves: count them as leaves here so a
     # masked-out parameter still shows up as a path
     a_leaves = jax.tree_util.tree_flatten_with_path(a, is_leaf=_is_empty_node)[0]
@@ -70,6 +99,18 @@ def map_leaves(owner: str, fn: Callable, updates, *others, names: Sequence[str] 
     transform) and the first differing path; with ``same_shape`` each pair of leaves must have the
     same shape; with ``inexact`` integer/bool updates raise ``TypeError``. With ``outputs > 1``,
     ``fn`` returns a tuple and a tuple of trees is returned.
+
+    Example:
+        >>> import jax.numpy as jnp, gradtx
+        >>> g, m = {"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([0.5, 0.5])}
+        >>> u, m = gradtx.tree.map_leaves("demo", lambda g, m: (g + m, 0.5 * m), g, m,
+        ...                               names=("mu",), outputs=2)
+        >>> u["w"].tolist(), m["w"].tolist()
+        ([1.5, 2.5], [0.25, 0.25])
+        >>> gradtx.tree.map_leaves("demo", lambda g, m: g, g, {"b": jnp.zeros(2)}, names=("mu",))
+        Traceback (most recent call last):
+        ...
+        gradtx.tree.TreeMismatchError: demo: the updates do not have the structure of its mu (at leaf 0: ['w'] vs ['b']). Initialise the optimizer with the same parameter tree you pass gradients for.
     """
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(updates)
     paths = [p for p, _ in leaves_with_path]
@@ -100,17 +141,35 @@ def zeros_like(tree, dtype: Any = None):
 
     Works on abstract leaves (``jax.ShapeDtypeStruct``) and on Flax ``Variable`` wrappers (the map
     reaches the arrays inside them).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, gradtx
+        >>> z = gradtx.tree.zeros_like({"w": jax.ShapeDtypeStruct((2,), jnp.bfloat16)}, "float32")
+        >>> z["w"].dtype.name, z["w"].tolist()
+        ('float32', [0.0, 0.0])
     """
     return jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), dtype or jnp.result_type(x)), tree)
 
 
 def full_like(tree, value, dtype: Any = None):
-    """Constant-filled arrays shaped like each leaf."""
+    """Constant-filled arrays shaped like each leaf.
+
+    Example:
+        >>> import jax.numpy as jnp, gradtx
+        >>> gradtx.tree.full_like({"w": jnp.zeros(2)}, 0.5)["w"].tolist()
+        [0.5, 0.5]
+    """
     return jax.tree.map(lambda x: jnp.full(jnp.shape(x), value, dtype or jnp.result_type(x)), tree)
 
 
 def cast(tree, dtype):
-    """Cast every leaf to ``dtype`` (no-op for leaves already of that dtype)."""
+    """Cast every leaf to ``dtype`` (no-op for leaves already of that dtype).
+
+    Example:
+        >>> import jax.numpy as jnp, gradtx
+        >>> gradtx.tree.cast({"w": jnp.ones(2)}, jnp.bfloat16)["w"].dtype.name
+        'bfloat16'
+    """
     return jax.tree.map(lambda x: x if x.dtype == dtype else x.astype(dtype), tree)
 
 
@@ -124,7 +183,13 @@ def _sum_of_squares(x):
 
 
 def global_norm(tree) -> jax.Array:
-    """The L2 norm of all leaves together, accumulated in float32 (float64 under x64 leaves)."""
+    """The L2 norm of all leaves together, accumulated in float32 (float64 under x64 leaves).
+
+    Example:
+        >>> import jax.numpy as jnp, gradtx
+        >>> float(gradtx.tree.global_norm({"a": jnp.array([3.0]), "b": jnp.array([4.0], jnp.bfloat16)}))
+        5.0
+    """
     squares = [_sum_of_squares(x) for x in jax.tree.leaves(tree)]
     if not squares:
         return jnp.zeros((), jnp.float32)
@@ -135,17 +200,36 @@ def global_norm(tree) -> jax.Array:
 
 
 def leaf_norm(x) -> jax.Array:
-    """The L2 (Frobenius) norm of one leaf, accumulated in float32 (float64 for float64 leaves)."""
+    """The L2 (Frobenius) norm of one leaf, accumulated in float32 (float64 for float64 leaves).
+
+    Example:
+        >>> import jax.numpy as jnp, gradtx
+        >>> float(gradtx.tree.leaf_norm(jnp.array([[3.0, 0.0], [0.0, 4.0]])))
+        5.0
+    """
     return jnp.sqrt(_sum_of_squares(x))
 
 
 def leaf_norms(tree):
-    """The L2 norm of each leaf (float32 scalars), as a tree of the same structure."""
+    """The L2 norm of each leaf (float32 scalars), as a tree of the same structure.
+
+    Example:
+        >>> import jax.numpy as jnp, gradtx
+        >>> n = gradtx.tree.leaf_norms({"a": jnp.array([3.0, 4.0]), "b": jnp.array([-2.0])})
+        >>> float(n["a"]), float(n["b"])
+        (5.0, 2.0)
+    """
     return jax.tree.map(leaf_norm, tree)
 
 
 def all_finite(tree) -> jax.Array:
-    """A boolean scalar: True when every element of every leaf is finite (no NaN, no ±Inf)."""
+    """A boolean scalar: True when every element of every leaf is finite (no NaN, no ±Inf).
+
+    Example:
+        >>> import jax.numpy as jnp, gradtx
+        >>> bool(gradtx.tree.all_finite({"a": jnp.ones(2), "b": jnp.array([1.0, jnp.inf])}))
+        False
+    """
     ok = jnp.ones((), bool)
     for leaf in jax.tree.leaves(tree):
         ok = ok & jnp.all(jnp.isfinite(leaf))
