@@ -50,7 +50,7 @@ def loss_fn(params, apply_fn, x, y):
     return _common.cross_entropy(apply_fn({"params": params}, x), y)
 
 
-@jax.jit
+@jax.jit(donate_argnums=0)   # the old state's buffers hold the new one: use only the returned state
 def train_step(state: TrainState, x, y):
     loss, grads = jax.value_and_grad(loss_fn)(state.params, state.apply_fn, x, y)
     return state.apply_gradients(grads=grads), loss
@@ -64,11 +64,13 @@ def accuracy(state: TrainState, x, y):
 
 def check_accumulation(model, params, x, y, k: int) -> float:
     """k accumulated micro-steps vs one LAMB step on the whole batch: the largest difference."""
-    small = TrainState.create(apply_fn=model.apply, params=params,
+    # train_step donates its state, and a TrainState holds `params` itself: give each run a copy.
+    fresh = lambda: jax.tree.map(jnp.copy, params)  # noqa: E731
+    small = TrainState.create(apply_fn=model.apply, params=fresh(),
                               tx=gradtx.accumulate_gradients(lamb(1e-2), every_k=k))
     for xb, yb in zip(np.split(x, k), np.split(y, k)):
         small, _ = train_step(small, xb, yb)
-    large, _ = train_step(TrainState.create(apply_fn=model.apply, params=params, tx=lamb(1e-2)),
+    large, _ = train_step(TrainState.create(apply_fn=model.apply, params=fresh(), tx=lamb(1e-2)),
                           x, y)
     diffs = jax.tree.leaves(jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)),
                                          small.params, large.params))

@@ -14,7 +14,9 @@ The layout, on a ``(data=4, fsdp=2)`` mesh:
   keeps 1/8 of it — ``gradtx.sharding.zero_shardings``;
 - **gradients** are reduce-scattered onto the moments' layout and each device updates its slice;
   the updates are re-assembled into the FSDP layout — ``gradtx.sharding.zero_update``;
-- the batch is split over both axes.
+- the batch is split over both axes;
+- the jitted step donates the parameters and the optimizer state: every output keeps its input's
+  layout, so XLA writes the new values into the old buffers instead of allocating new ones.
 
 It prints the per-device memory of the parameters and of the optimizer state next to the unsharded
 figures, trains, and checks the result against the same training on one device.
@@ -23,8 +25,10 @@ figures, trains, and checks the result against the same training on one device.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
+from typing import Any, NamedTuple
 
 if "XLA_FLAGS" not in os.environ:
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
@@ -67,6 +71,66 @@ def mib(n: int) -> str:
     return f"{n / 2**20:8.3f} MiB"
 
 
+class Layout(NamedTuple):
+    """Where each kind of array lives on the mesh."""
+
+    params: Any      # FSDP: each weight split over `fsdp`
+    gathered: Any    # replicated: the whole weights, only while computing
+    grads: Any       # the moments' split (over `data` too): gradients are reduce-scattered to it
+    state: Any       # ZeRO: the optimizer state split over `data` on top of the FSDP split
+    batch: NamedSharding
+
+
+def make_layout(tx: gradtx.Transform, params, mesh) -> Layout:
+    param_sh = gradtx.sharding.partitioned_shardings(params, mesh, "fsdp")
+    return Layout(
+        params=param_sh,
+        gathered=jax.tree.map(lambda _: NamedSharding(mesh, P()), params),
+        grads=gradtx.sharding.partitioned_shardings(params, mesh, "data", param_sh),
+        state=gradtx.sharding.zero_shardings(tx, params, mesh, "data", param_sh),
+        batch=NamedSharding(mesh, P(("data", "fsdp"))),
+    )
+
+
+def mse(graphdef, params, x, y):
+    model = nnx.merge(graphdef, params)
+    return jnp.mean((model(x) - y) ** 2)
+
+
+def make_train_step(graphdef, tx: gradtx.Transform, layout: Layout):
+    """The sharded step ``(params, opt_state, x, y) -> (params, opt_state, loss)``.
+
+    It donates ``params`` and ``opt_state``: the new values are written into the old buffers (the
+    output layouts equal the input ones, so every buffer can be reused), and the arrays passed in
+    are deleted by the call: keep only the returned ones.
+    """
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def train_step(params, opt_state, x, y):
+        def loss_of(p):   # FSDP: gather the whole weights for the computation only
+            return mse(graphdef, gradtx.sharding.constrain(p, layout.gathered), x, y)
+
+        loss, grads = jax.value_and_grad(loss_of)(params)
+        updates, opt_state = gradtx.sharding.zero_update(
+            tx, grads, opt_state, params, partitioned=layout.grads, param_shardings=layout.params)
+        params = gradtx.apply_updates(params, updates)
+        return gradtx.sharding.constrain(params, layout.params), opt_state, loss
+
+    return train_step
+
+
+def make_reference_step(graphdef, tx: gradtx.Transform):
+    """The same step on one device, unsharded (also donating ``params`` and ``opt_state``)."""
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def reference_step(params, opt_state, x, y):
+        loss, grads = jax.value_and_grad(functools.partial(mse, graphdef))(params, x, y)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return gradtx.apply_updates(params, updates), opt_state, loss
+
+    return reference_step
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a few steps on a small model")
@@ -89,13 +153,10 @@ def main(argv=None):
         decay_steps_after_warmup=max(1, steps - steps // 10)), weight_decay=1e-4)
 
     # Layouts: parameters FSDP over `fsdp`; state and gradients additionally over `data` (ZeRO).
-    param_sh = gradtx.sharding.partitioned_shardings(params0, mesh, "fsdp")
-    gathered = jax.tree.map(lambda _: NamedSharding(mesh, P()), params0)
-    grad_sh = gradtx.sharding.partitioned_shardings(params0, mesh, "data", param_sh)
-    state_sh = gradtx.sharding.zero_shardings(tx, params0, mesh, "data", param_sh)
-    batch_sh = NamedSharding(mesh, P(("data", "fsdp")))
+    layout = make_layout(tx, params0, mesh)
+    state_sh, batch_sh = layout.state, layout.batch
 
-    params = jax.device_put(params0, param_sh)
+    params = jax.device_put(params0, layout.params)
     opt_state = gradtx.sharding.init(tx, params, state_sh)
 
     unsharded_params = gradtx.sharding.per_device_bytes(params0)      # one device holds it all
@@ -108,20 +169,7 @@ def main(argv=None):
           f"{params['inp']['kernel'].sharding.spec}, moment spec "
           f"{opt_state[0].mu['inp']['kernel'].sharding.spec}")
 
-    def loss_fn(params, x, y):
-        model = nnx.merge(graphdef, params)
-        return jnp.mean((model(x) - y) ** 2)
-
-    @jax.jit
-    def train_step(params, opt_state, x, y):
-        def loss_of(p):   # FSDP: gather the whole weights for the computation only
-            return loss_fn(gradtx.sharding.constrain(p, gathered), x, y)
-
-        loss, grads = jax.value_and_grad(loss_of)(params)
-        updates, opt_state = gradtx.sharding.zero_update(
-            tx, grads, opt_state, params, partitioned=grad_sh, param_shardings=param_sh)
-        params = gradtx.apply_updates(params, updates)
-        return gradtx.sharding.constrain(params, param_sh), opt_state, loss
+    train_step = make_train_step(graphdef, tx, layout)   # donates params and opt_state
 
     xs, ys = make_data(steps, batch, din, dout)
     losses = []
@@ -137,13 +185,8 @@ def main(argv=None):
                                      opt_state, state_sh)), "the state left its layout"
 
     # The same training on one device, for comparison.
-    @jax.jit
-    def reference_step(params, opt_state, x, y):
-        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return gradtx.apply_updates(params, updates), opt_state, loss
-
-    ref, ref_state = params0, tx.init(params0)
+    reference_step = make_reference_step(graphdef, tx)
+    ref, ref_state = params0, tx.init(params0)    # params0 is donated: not used after this
     for t in range(steps):
         ref, ref_state, _ = reference_step(ref, ref_state, xs[t], ys[t])
     err = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))

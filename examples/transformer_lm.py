@@ -142,7 +142,7 @@ def learning_rates(tx, opt_state) -> dict[str, float]:
     return out
 
 
-@nnx.jit
+@nnx.jit(donate_argnums=(0, 1))   # the parameter and state buffers are reused in place
 def train_step(model, optimizer, tokens):
     loss, grads = nnx.value_and_grad(lm_loss)(model, tokens)
     optimizer.update(model, grads)

@@ -396,8 +396,15 @@ def _average_dtype(requested, leaf):
     return numerics.compute_dtype(jnp.result_type(leaf))
 
 
+def _fresh_copy(params, dtype_of):
+    """Each leaf as a new array of ``dtype_of(leaf)``: never the parameter's own buffer (``astype``
+    to the same dtype returns its input, and a state leaf that *is* a parameter cannot be donated
+    together with it)."""
+    return jax.tree.map(lambda p: jnp.array(jnp.asarray(p), dtype=dtype_of(p), copy=True), params)
+
+
 def _copy_params(params, requested):
-    return jax.tree.map(lambda p: jnp.asarray(p).astype(_average_dtype(requested, p)), params)
+    return _fresh_copy(params, lambda p: _average_dtype(requested, p))
 
 
 # --------------------------------------------------------------------------------------------
@@ -544,8 +551,9 @@ class skip_nonfinite(Transform):
         _check_member("skip_nonfinite", self.inner, "inner")
 
     def init(self, params):
-        zero = numerics.init_count()
-        return SkipNonfiniteState(self.inner.init(params), zero, zero, jnp.zeros((), bool))
+        # one fresh buffer per field: a shared one could not be donated with the state
+        return SkipNonfiniteState(self.inner.init(params), numerics.init_count(),
+                                  numerics.init_count(), jnp.zeros((), bool))
 
     def update(self, updates, state, params=None, **extra):
         finite = all_finite(updates)
@@ -624,8 +632,7 @@ class lookahead(Transform):
         _check_member("lookahead", self.inner, "inner")
 
     def init(self, params):
-        slow = jax.tree.map(
-            lambda p: jnp.asarray(p).astype(numerics.state_dtype(self.slow_dtype, p)), params)
+        slow = _fresh_copy(params, lambda p: numerics.state_dtype(self.slow_dtype, p))
         return LookaheadState(numerics.init_count(), slow, self.inner.init(params))
 
     def update(self, updates, state, params=None, **extra):
@@ -760,8 +767,8 @@ class swa(Transform):
     mean_dtype: Any = option(None, kind="dtype")
 
     def init(self, params):
-        zero = numerics.init_count()
-        return SwaState(zero, zero, _copy_params(params, self.mean_dtype))
+        return SwaState(numerics.init_count(), numerics.init_count(),
+                        _copy_params(params, self.mean_dtype))
 
     def update(self, updates, state, params=None, **extra):
         del extra

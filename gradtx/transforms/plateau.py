@@ -88,11 +88,12 @@ class reduce_on_plateau(Transform):
     def init(self, params):
         del params
         worst = jnp.inf if self.mode == "min" else -jnp.inf
-        zero_i = jnp.zeros((), jnp.int32)
+        # one fresh buffer per field: a shared one could not be donated with the state
         return ReduceOnPlateauState(
             scale=jnp.ones((), jnp.float32), best_value=jnp.asarray(worst, jnp.float32),
-            plateau_count=zero_i, cooldown_count=zero_i,
-            accumulated_value=jnp.zeros((), jnp.float32), accumulation_count=zero_i)
+            plateau_count=jnp.zeros((), jnp.int32), cooldown_count=jnp.zeros((), jnp.int32),
+            accumulated_value=jnp.zeros((), jnp.float32),
+            accumulation_count=jnp.zeros((), jnp.int32))
 
     def _improves(self, value, best):
         thr = jnp.asarray(self.threshold, jnp.float32)
