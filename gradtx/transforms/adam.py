@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from gradtx import _validate, numerics
 from gradtx.base import Transform, hyperparameter, option, transform
-from gradtx.transforms.adaptive import (_compute, _divide, _load, _moments, _scalar)
+from gradtx.transforms.adaptive import (_compute, _divide, _load, _moments, _Hypers)
 from gradtx.tree import map_leaves
 
 __all__ = [
@@ -158,6 +158,7 @@ class scale_by_adam(Transform):
 
     def update(self, updates, state, params=None, **extra):
         del params, extra
+        h = _Hypers(self)
         count = numerics.safe_increment(state.count)
         c_m, c_g, mu_product = self._numerator_coefficients(count, state.mu_product)
         bc2 = numerics.bias_correction(self.b2, count)
@@ -165,7 +166,7 @@ class scale_by_adam(Transform):
 
         def one(g, m, v, *v_max):
             gc, cd, rd = _compute(g)
-            b1, b2 = _scalar(self.b1, cd), _scalar(self.b2, rd)
+            b1, b2 = h("b1", cd), h("b2", rd)
             m_new = b1 * _load(m, cd) + (1 - b1) * gc
             v_new = b2 * _load(v, rd) + (1 - b2) * numerics.abs_sq(gc)
             v_stored = v_new.astype(v.dtype)
@@ -174,8 +175,8 @@ class scale_by_adam(Transform):
                 v_used = _load(v_max_stored, rd)
             else:
                 v_used = v_new
-            den = jnp.sqrt(v_used / bc2.astype(rd) + _scalar(self.eps_root, rd)) \
-                + _scalar(self.eps, rd)
+            den = jnp.sqrt(v_used / bc2.astype(rd) + h("eps_root", rd)) \
+                + h("eps", rd)
             num = c_m.astype(cd) * m_new
             if uses_g:
                 num = num + c_g.astype(cd) * gc
@@ -238,15 +239,16 @@ class scale_by_adamax(Transform):
 
     def update(self, updates, state, params=None, **extra):
         del params, extra
+        h = _Hypers(self)
         count = numerics.safe_increment(state.count)
         bc1 = numerics.bias_correction(self.b1, count)
 
         def one(g, m, n):
             gc, cd, rd = _compute(g)
-            b1 = _scalar(self.b1, cd)
+            b1 = h("b1", cd)
             m_new = b1 * _load(m, cd) + (1 - b1) * gc
-            n_new = jnp.maximum(_scalar(self.b2, rd) * _load(n, rd),
-                                jnp.abs(gc) + _scalar(self.eps, rd))
+            n_new = jnp.maximum(h("b2", rd) * _load(n, rd),
+                                jnp.abs(gc) + h("eps", rd))
             u = _divide(m_new, bc1.astype(rd) * n_new)
             return u.astype(g.dtype), m_new.astype(m.dtype), n_new.astype(n.dtype)
 
@@ -341,6 +343,7 @@ class scale_by_radam(Transform):
 
     def update(self, updates, state, params=None, **extra):
         del params, extra
+        h = _Hypers(self)
         count = numerics.safe_increment(state.count)
         bc1 = numerics.bias_correction(self.b1, count)
         bc2 = numerics.bias_correction(self.b2, count)
@@ -355,11 +358,11 @@ class scale_by_radam(Transform):
 
         def one(g, m, v):
             gc, cd, rd = _compute(g)
-            b1, b2 = _scalar(self.b1, cd), _scalar(self.b2, rd)
+            b1, b2 = h("b1", cd), h("b2", rd)
             m_new = b1 * _load(m, cd) + (1 - b1) * gc
             v_new = b2 * _load(v, rd) + (1 - b2) * numerics.abs_sq(gc)
             m_hat = _divide(m_new, bc1.astype(rd))
-            scale = rect_factor.astype(rd) / (jnp.sqrt(v_new) + _scalar(self.eps, rd))
+            scale = rect_factor.astype(rd) / (jnp.sqrt(v_new) + h("eps", rd))
             scale = jnp.where(rectify, scale, jnp.ones((), rd))
             return ((m_hat * scale.astype(cd)).astype(g.dtype), m_new.astype(m.dtype),
                     v_new.astype(v.dtype))
@@ -437,17 +440,18 @@ class scale_by_belief(Transform):
 
     def update(self, updates, state, params=None, **extra):
         del params, extra
+        h = _Hypers(self)
         count = numerics.safe_increment(state.count)
         bc1 = numerics.bias_correction(self.b1, count)
         bc2 = numerics.bias_correction(self.b2, count)
 
         def one(g, m, s):
             gc, cd, rd = _compute(g)
-            b1, b2 = _scalar(self.b1, cd), _scalar(self.b2, rd)
+            b1, b2 = h("b1", cd), h("b2", rd)
             m_new = b1 * _load(m, cd) + (1 - b1) * gc
             s_new = (b2 * _load(s, rd) + (1 - b2) * numerics.abs_sq(gc - m_new)
-                     + _elementwise(_scalar(self.eps_root, rd), gc))
-            den = jnp.sqrt(s_new / bc2.astype(rd)) + _scalar(self.eps, rd)
+                     + _elementwise(h("eps_root", rd), gc))
+            den = jnp.sqrt(s_new / bc2.astype(rd)) + h("eps", rd)
             u = _divide(m_new, bc1.astype(rd) * den)
             return u.astype(g.dtype), m_new.astype(m.dtype), s_new.astype(s.dtype)
 

@@ -65,9 +65,24 @@ def _load(x: jax.Array, dtype) -> jax.Array:
     return x if x.dtype == dtype else x.astype(dtype)
 
 
-def _scalar(h: Any, dtype) -> jax.Array:
-    """A hyperparameter as an array of ``dtype``: its float32 value, cast (see numerics.hyper)."""
-    return numerics.hyper(h, dtype)
+class _Hypers:
+    """A transform's hyperparameters as arrays, for one ``update``: ``h("eps", dtype)``.
+
+    Each is read once per update (one float32 value behind one optimisation barrier, see
+    :func:`gradtx.numerics.hyper`) and cast per dtype on demand, so a tree of ``n`` leaves does not
+    put ``n`` copies of every hyperparameter into the program (faster tracing and compiling, same
+    values: ``hyper(v, dtype) == hyper(v).astype(dtype)``).
+    """
+
+    def __init__(self, owner):
+        self._owner = owner
+        self._values = {}
+
+    def __call__(self, name: str, dtype) -> jax.Array:
+        if name not in self._values:
+            self._values[name] = numerics.hyper(getattr(self._owner, name))
+        x = self._values[name]
+        return x if jnp.dtype(dtype) == x.dtype else x.astype(dtype)
 
 
 def _compute(g: jax.Array):
@@ -132,11 +147,12 @@ class scale_by_rss(Transform):
 
     def update(self, updates, state, params=None, **extra):
         del params, extra
+        h = _Hypers(self)
 
         def one(g, s):
             gc, _, rd = _compute(g)
             s_new = _load(s, rd) + numerics.abs_sq(gc)
-            eps = _scalar(self.eps, rd)
+            eps = h("eps", rd)
             den = jnp.sqrt(s_new + eps) if self.eps_in_sqrt else jnp.sqrt(s_new) + eps
             return _divide(gc, den).astype(g.dtype), s_new.astype(s.dtype)
 
@@ -198,12 +214,13 @@ class scale_by_rms(Transform):
 
     def update(self, updates, state, params=None, **extra):
         del params, extra
+        h = _Hypers(self)
 
         def one(g, v):
             gc, _, rd = _compute(g)
-            a = _scalar(self.decay, rd)
+            a = h("decay", rd)
             v_new = a * _load(v, rd) + (1 - a) * numerics.abs_sq(gc)
-            den = _rms_denominator(v_new, _scalar(self.eps, rd), self.eps_in_sqrt)
+            den = _rms_denominator(v_new, h("eps", rd), self.eps_in_sqrt)
             return _divide(gc, den).astype(g.dtype), v_new.astype(v.dtype)
 
         updates, nu = map_leaves(self.name, one, updates, state.nu, names=("nu",), outputs=2)
@@ -260,14 +277,15 @@ class scale_by_stddev(Transform):
 
     def update(self, updates, state, params=None, **extra):
         del params, extra
+        h = _Hypers(self)
 
         def one(g, m, v):
             gc, cd, rd = _compute(g)
-            a, ac = _scalar(self.decay, rd), _scalar(self.decay, cd)
+            a, ac = h("decay", rd), h("decay", cd)
             m_new = ac * _load(m, cd) + (1 - ac) * gc
             v_new = a * _load(v, rd) + (1 - a) * numerics.abs_sq(gc)
             var = jnp.maximum(v_new - numerics.abs_sq(m_new), jnp.zeros((), rd))
-            den = _rms_denominator(var, _scalar(self.eps, rd), self.eps_in_sqrt)
+            den = _rms_denominator(var, h("eps", rd), self.eps_in_sqrt)
             return (_divide(gc, den).astype(g.dtype), m_new.astype(m.dtype),
                     v_new.astype(v.dtype))
 
@@ -321,10 +339,11 @@ class scale_by_adadelta(Transform):
 
     def update(self, updates, state, params=None, **extra):
         del params, extra
+        h = _Hypers(self)
 
         def one(g, eg, ex):
             gc, _, rd = _compute(g)
-            rho, eps = _scalar(self.rho, rd), _scalar(self.eps, rd)
+            rho, eps = h("rho", rd), h("eps", rd)
             eg_new = rho * _load(eg, rd) + (1 - rho) * numerics.abs_sq(gc)
             ratio = jnp.sqrt(_load(ex, rd) + eps) / jnp.sqrt(eg_new + eps)
             delta = gc * ratio.astype(gc.dtype)

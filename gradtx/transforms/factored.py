@@ -21,7 +21,7 @@ import numpy as np
 
 from gradtx import numerics
 from gradtx.base import EmptyState, Transform, hyperparameter, option, transform
-from gradtx.transforms.adaptive import _compute, _divide, _load, _real_dtype, _scalar
+from gradtx.transforms.adaptive import _compute, _divide, _load, _Hypers, _real_dtype
 from gradtx.tree import TreeMismatchError, map_leaves
 
 __all__ = ["scale_by_factored_rms", "scale_by_param_block_rms", "ScaleByFactoredRmsState"]
@@ -171,6 +171,7 @@ class scale_by_factored_rms(Transform):
 
     def update(self, updates, state, params=None, **extra):
         del params, extra
+        h = _Hypers(self)
         count = numerics.safe_increment(state.count)
         t = count.astype(jnp.float32)
         # β̂_t = 1 - t^{-c}; 1 - β̂_t = t^{-c} = exp(-c log t).
@@ -184,7 +185,7 @@ class scale_by_factored_rms(Transform):
             axes = self._axes(shape)
             tiny = jnp.finfo(rd).tiny
             w, b = new_weight.astype(rd), beta.astype(rd)
-            sq = numerics.abs_sq(gc) + _scalar(self.epsilon, rd)
+            sq = numerics.abs_sq(gc) + h("epsilon", rd)
             if axes is None:
                 v_new = b * _load(full, rd) + w * sq
                 u = _divide(gc, jnp.sqrt(jnp.maximum(v_new, tiny)))
@@ -202,7 +203,7 @@ class scale_by_factored_rms(Transform):
                 u = gc * factor.astype(gc.dtype)
                 new = (row_new.astype(row.dtype), col_new.astype(col.dtype), full)
             if self.clipping_threshold is not None and g.size > 0:
-                d = _scalar(self.clipping_threshold, rd)
+                d = h("clipping_threshold", rd)
                 u = _divide(u, jnp.maximum(jnp.ones((), rd), _rms(u) / d))
             return (u.astype(g.dtype),) + new
 
@@ -242,13 +243,14 @@ class scale_by_param_block_rms(Transform):
     def update(self, updates, state, params=None, **extra):
         del extra
         self.require_params(params)
+        h = _Hypers(self)
 
         def one(u, p):
             if u.size == 0:
                 return u
             uc, _, rd = _compute(u)
             pc = numerics.as_compute(p)
-            scale = jnp.maximum(_rms(pc).astype(rd), _scalar(self.min_scale, rd))
+            scale = jnp.maximum(_rms(pc).astype(rd), h("min_scale", rd))
             return (uc * scale.astype(uc.dtype)).astype(u.dtype)
 
         return map_leaves(self.name, one, updates, params, names=("params",)), state
