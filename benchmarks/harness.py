@@ -108,7 +108,7 @@ def run_optimizer(tree_name: str, params, grads, spec: OptimizerSpec, settings: 
                                                    gradtx_module.apply_updates, params, grads))
     else:
         errors.append(("gradtx", f"gradtx.{spec.gradtx_name} is not available"))
-    if settings.optax and optax_module is not None:
+    if settings.optax and optax_module is not None and spec.make_optax is not None:
         ox = build("optax", lambda: OptimizerStep(f"optax/{spec.name}", "optax",
                                                   spec.make_optax(optax_module),
                                                   optax_module.apply_updates, params, grads))

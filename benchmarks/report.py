@@ -64,6 +64,7 @@ def machine_info() -> dict:
                 platform=dev.platform, device_kind=getattr(dev, "device_kind", str(dev)),
                 device_count=jax.device_count(), versions=versions, git=git,
                 xla_flags=os.environ.get("XLA_FLAGS") or None,
+                glibc_tunables=os.environ.get("GLIBC_TUNABLES") or None,
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
 
 
@@ -169,5 +170,7 @@ def machine_lines(info: dict, command: str, load_before, load_after, elapsed_s: 
         f"optax {v.get('optax')}, torch {v.get('torch')} ({v.get('torch_threads', '?')} threads), "
         f"numpy {v.get('numpy')}",
         f"- XLA_FLAGS: `{info['xla_flags']}`" if info.get("xla_flags") else "- XLA_FLAGS: none",
+        f"- GLIBC_TUNABLES: `{info['glibc_tunables']}`" if info.get("glibc_tunables")
+        else "- GLIBC_TUNABLES: none",
         f"- Load average (1, 5, 15 min) before: {load_before}, after: {load_after}",
     ])

@@ -16,6 +16,7 @@ import numpy as np
 
 F32 = np.dtype("float32")
 BF16 = np.dtype(jnp.bfloat16)
+U8 = np.dtype("uint8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +92,7 @@ class OptimizerSpec:
     description: str
     gradtx_name: str                       # attribute of the gradtx module that must exist
     make_gradtx: Callable[[Any], Any]      # gradtx module -> transform
-    make_optax: Callable[[Any], Any]       # optax module -> GradientTransformation
+    make_optax: Callable[[Any], Any] | None  # optax module -> GradientTransformation (None: no peer)
     traffic: Callable[[Any], Traffic]
     torch: tuple = ()                      # names of torch variants to run ("foreach", "fused")
     torch_kwargs: dict = dataclasses.field(default_factory=dict)
@@ -118,6 +119,11 @@ SPECS = {
         lambda gt: gt.adamw(LR, weight_decay=1e-4, mu_dtype=jnp.bfloat16),
         lambda ox: ox.adamw(LR, weight_decay=1e-4, mu_dtype=jnp.bfloat16),
         elementwise_traffic(2, (BF16, F32))),
+    "adamw_8bit": OptimizerSpec(
+        "adamw_8bit", "AdamW as above, both moments in 8-bit block-wise state (quantized_state, "
+        "stochastic rounding); Optax has no equivalent", "quantized_state",
+        lambda gt: gt.quantized_state(gt.adamw(LR, weight_decay=1e-4)), None,
+        elementwise_traffic(2, (U8, U8))),
     "lamb": OptimizerSpec(
         "lamb", "LAMB lr=1e-3, eps=1e-6, weight_decay=0", "lamb",
         lambda gt: gt.lamb(LR, eps=1e-6, weight_decay=0.0),
@@ -137,4 +143,4 @@ SPECS = {
 
 # Grouped by traffic so that consecutive optimizers reuse the compiled floor.
 DEFAULT_ORDER = ("sgd_nesterov", "lion", "adam", "adamw", "lamb", "adabelief", "adamw_bf16mu",
-                 "adafactor")
+                 "adamw_8bit", "adafactor")
