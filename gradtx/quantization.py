@@ -253,15 +253,28 @@ def _fmix32(h):
     return h ^ (h >> 16)
 
 
-def _uniforms(key, shape):
+def _key_words(key):
+    """Two 32-bit words drawn from ``key`` (one Threefry evaluation, a scalar computation)."""
+    return jax.random.bits(key, (2,), jnp.uint32)
+
+
+def _leaf_words(words, position: int):
+    """Words for the leaf at ``position`` from a step's words: two scalar hashes, not another
+    Threefry evaluation per leaf (whose unrolled rounds dominated the compile time of a state
+    with hundreds of leaves)."""
+    a = np.uint32((position * 0x9E3779B1 + 1) % 2**32)     # Python ints: no numpy overflow
+    b = np.uint32((position * 0x85EBCA6B) % 2**32)
+    return jnp.stack([_fmix32(words[0] ^ a), _fmix32(words[1] + b)])
+
+
+def _uniforms(words, shape):
     """One float32 in ``[0, 1)`` (24 random bits) per element of a ``(n_blocks, block_size)`` array.
 
-    Two 32-bit words are drawn from ``key`` with :func:`jax.random.bits` (a scalar computation);
-    each element's number is a hash of its flat index and those words. Counter-based, so it is
-    cheap (a few integer operations per element instead of a Threefry evaluation), splits with
-    sharding like any elementwise function of ``iota``, and is identical under jit and eagerly.
+    Each element's number is a hash of its flat index and two 32-bit ``words``. Counter-based, so
+    it is cheap (a few integer operations per element instead of a Threefry evaluation), splits
+    with sharding like any elementwise function of ``iota``, and is identical under jit and
+    eagerly.
     """
-    words = jax.random.bits(key, (2,), jnp.uint32)
     rows = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
     cols = jax.lax.broadcasted_iota(jnp.uint32, shape, 1)
     index = rows * np.uint32(shape[1]) + cols
@@ -329,6 +342,12 @@ def quantize_blockwise(x, *, signed: bool = True, block_size: int = 256,
     if rounding == "stochastic" and key is None:
         raise ValueError("quantize_blockwise: rounding='stochastic' needs a random key; pass "
                          "key=jax.random.key(seed) (the same key gives the same codes).")
+    words = _key_words(key) if rounding == "stochastic" else None
+    return _quantize(x, signed, block_size, rounding, words)
+
+
+def _quantize(x, signed: bool, block_size: int, rounding: str, words) -> QuantizedArray:
+    """:func:`quantize_blockwise` with the stochastic stream given as two uint32 ``words``."""
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"quantize_blockwise: x has dtype {x.dtype}; expected a real floating "
@@ -349,7 +368,7 @@ def quantize_blockwise(x, *, signed: bool = True, block_size: int = 256,
     if rounding == "nearest":
         codes = _nearest_codes(normed, bool(signed))
     else:
-        codes = _stochastic_codes(normed, bool(signed), _uniforms(key, blocks.shape))
+        codes = _stochastic_codes(normed, bool(signed), _uniforms(words, blocks.shape))
     return QuantizedArray(codes, absmax, shape, jnp.dtype(dtype).name, signed)
 
 
@@ -560,10 +579,10 @@ class quantized_state(Transform):
 
     def update(self, updates, state, params=None, **extra):
         count = numerics.safe_increment(state.count)
-        step_key = None
+        step_words = None
         if self.rounding == "stochastic":
             # one stream per (seed, step, leaf position): pure, reproducible, fresh every step
-            step_key = jax.random.fold_in(jax.random.key(self.seed), count)
+            step_words = _key_words(jax.random.fold_in(jax.random.key(self.seed), count))
         stored, stored_def = jax.tree.flatten(state.inner_state, is_leaf=_is_quantized)
         loaded = [dequantize_blockwise(x) if _is_quantized(x) else x for x in stored]
         inner_state = stored_def.unflatten(loaded)
@@ -582,9 +601,8 @@ class quantized_state(Transform):
                     raise TreeMismatchError(
                         f"{self.name}: a quantized state leaf changed shape from {old.shape} to "
                         f"{jnp.shape(new)} in {self.inner!r}'s update.")
-                key = None if step_key is None else jax.random.fold_in(step_key, position)
-                new = quantize_blockwise(new, signed=old.signed, block_size=old.block_size,
-                                         rounding=self.rounding, key=key)
+                words = None if step_words is None else _leaf_words(step_words, position)
+                new = _quantize(new, old.signed, old.block_size, self.rounding, words)
                 if new.dtype != old.dtype:
                     new = QuantizedArray(new.codes, new.absmax, old.shape, old.dtype, old.signed)
             out.append(new)
