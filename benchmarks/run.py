@@ -132,10 +132,11 @@ def main(argv=None) -> int:
 
 def write_results(path, header, summary, details, notes, load_before, load_after, info) -> None:
     cores = info.get("cores") or 1
-    loaded = any(x is not None and x[0] > 0.5 * cores for x in (load_before, load_after))
+    # the load after the run includes the run itself: judge by the load before it
+    loaded = load_before is not None and load_before[0] > 0.5 * cores
     note_lines = list(notes)
     if loaded:
-        note_lines.append(f"The machine was loaded by other processes during the run (1-minute load "
+        note_lines.append(f"The machine was loaded by other processes when the run started (1-minute load "
                           f"average {load_before[0] if load_before else '?'} before, "
                           f"{load_after[0] if load_after else '?'} after, on {cores} cores): absolute "
                           f"times are inflated and noisy; the ratios, measured in interleaved rounds "

@@ -114,6 +114,11 @@ SPECS = {
         lambda gt: gt.adamw(LR, weight_decay=1e-4), lambda ox: ox.adamw(LR, weight_decay=1e-4),
         elementwise_traffic(2), torch=("foreach", "fused"),
         torch_kwargs=dict(lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)),
+    "adamw_flat": OptimizerSpec(
+        "adamw_flat", "AdamW as above through gradtx.flatten (state: one buffer per dtype); "
+        "Optax's peer is its plain AdamW", "flatten",
+        lambda gt: gt.flatten(gt.adamw(LR, weight_decay=1e-4)),
+        lambda ox: ox.adamw(LR, weight_decay=1e-4), elementwise_traffic(2)),
     "adamw_bf16mu": OptimizerSpec(
         "adamw_bf16mu", "AdamW as above, first moment stored in bfloat16", "adamw",
         lambda gt: gt.adamw(LR, weight_decay=1e-4, mu_dtype=jnp.bfloat16),
