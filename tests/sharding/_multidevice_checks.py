@@ -28,6 +28,9 @@ from _common import (collectives, make_batches, make_params, make_step, max_rel_
                      optimizers, reference_run)
 
 TOL = 2e-5          # float32 rounding of differently ordered reductions, over 3 steps
+# 8-bit state with stochastic rounding: a last-bit difference in a moment can move it to the
+# neighbouring code (a step of <= 1.4% of its block's absmax) in a few elements
+STOCHASTIC_TOL = {"adamw-8bit": 1e-3}
 CHECKS = []
 
 
@@ -91,6 +94,7 @@ MATRIX = {name: (("data-parallel", "fsdp", "2d", "zero2", "2d+zero") if name in 
 MATRIX["adamw"] += ("zero1", "explicit-zero2", "explicit-fsdp")
 MATRIX["adafactor"] += ("explicit-zero2", "explicit-fsdp")
 MATRIX["adamw-8bit"] = ("data-parallel", "fsdp", "2d", "zero2")
+MATRIX["adamw-8bit-nearest"] = ("data-parallel", "fsdp", "2d", "zero2")
 
 report = {}
 for opt_name, tx in optimizers().items():
@@ -112,7 +116,9 @@ for opt_name, tx in optimizers().items():
                 params, state = compiled(params, state, jax.device_put(x, b_sh),
                                          jax.device_put(y, b_sh))
         err = max_rel_err(params, ref)
-        check(err < TOL, f"{opt_name}/{lay_name}: equals the single-device run (rel err {err:.1e})")
+        tol = STOCHASTIC_TOL.get(opt_name, TOL)
+        check(err < tol, f"{opt_name}/{lay_name}: equals the single-device run (rel err {err:.1e}, "
+                         f"tolerance {tol:.0e})")
         print(f"  {opt_name}/{lay_name}: equals the single-device run (rel err {err:.1e})",
               flush=True)
         check(same_layout(state, s_sh) and same_layout(params, p_sh),
@@ -169,7 +175,7 @@ for lay_name in ("fsdp", "2d", "explicit-fsdp"):
             text = upd.lower(abstract_p, abstract_s, abstract_p).compile().as_text()
         ops = collectives(text)
         hlo_report[(lay_name, opt_name)] = {k: v for k, v in ops.items() if v}
-        if opt_name == "adamw-8bit":
+        if opt_name.startswith("adamw-8bit"):
             # Known cost, reported not hidden: quantized state is stored in 256-element blocks of
             # the flattened parameter, which do not follow a sharded parameter's layout, so the
             # update re-lays the state out (all-gathers). Correctness is checked above.
