@@ -15,7 +15,7 @@ from typing import Any, Callable, Hashable, Mapping, NamedTuple
 import jax
 
 from gradtx.base import Transform, _format_value, transform
-from gradtx.tree import TreeMismatchError, first_difference
+from gradtx.tree import TreeMismatchError, first_difference, zeros_like
 
 __all__ = ["chain", "named_chain", "masked", "partition", "MaskedNode", "MaskedState",
            "PartitionState", "FrozenTree"]
@@ -44,6 +44,20 @@ def call_update(tx, updates, state, params, extra):
     if extra and _accepts_extra(tx.update):
         return tx.update(updates, state, params, **extra)
     return tx.update(updates, state, params)
+
+
+def update_if(run, tx, updates, state, params, extra):
+    """``call_update`` when the traced bool ``run`` holds, else zero updates and ``state``
+    unchanged, under ``lax.cond``: the inner update is not executed on held steps."""
+    def inner(s):
+        return call_update(tx, updates, s, params, extra)
+
+    shapes = jax.eval_shape(inner, state)[0]
+
+    def hold(s):
+        return zeros_like(shapes), s
+
+    return jax.lax.cond(run, inner, hold, state)
 
 
 def _check_member(owner: str, tx, where: str):

@@ -22,9 +22,8 @@ import jax.numpy as jnp
 
 from gradtx import _validate, numerics
 from gradtx.base import Transform, add_update, hyperparameter, option, transform
-from gradtx.combine import _check_member, call_update
-from gradtx.tree import (TreeMismatchError, all_finite, first_difference, map_leaves,
-                         zeros_like)
+from gradtx.combine import _check_member, call_update, update_if
+from gradtx.tree import TreeMismatchError, all_finite, first_difference, map_leaves
 
 __all__ = [
     "master_weights", "MasterWeightsState", "NoMasterCopy",
@@ -416,15 +415,8 @@ class dynamic_loss_scale(Transform):
         grads = map_leaves(self.name, unscale, updates)
         finite = all_finite(grads)
 
-        def run_inner(inner_state):
-            return call_update(self.inner, grads, inner_state, params, extra)
-
-        shapes = jax.eval_shape(run_inner, state.inner_state)[0]
-
-        def hold(inner_state):
-            return zeros_like(shapes), inner_state
-
-        new_updates, inner_state = jax.lax.cond(finite, run_inner, hold, state.inner_state)
+        new_updates, inner_state = update_if(finite, self.inner, grads, state.inner_state, params,
+                                             extra)
 
         interval = jnp.asarray(self.growth_interval, jnp.int32)
         good = numerics.safe_increment(state.good_steps)

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 from gradtx import _validate, numerics
 from gradtx.base import _HYPER, Transform, add_update, hyperparameter, option, transform
 from gradtx.combine import (FrozenTree, _check_member, _freeze_spec, _is_bool,
-                            _is_transform_like, _merge, _resolve, _select, call_update)
+                            _is_transform_like, _merge, _resolve, _select, call_update,
+                            update_if)
 from gradtx.tree import TreeMismatchError, all_finite, map_leaves, zeros_like
 
 __all__ = [
@@ -562,15 +563,8 @@ class skip_nonfinite(Transform):
         else:
             skip = ~finite & (state.consecutive_nonfinite < self.max_consecutive_skips)
 
-        def run_inner(inner_state):
-            return call_update(self.inner, updates, inner_state, params, extra)
-
-        shapes = jax.eval_shape(run_inner, state.inner_state)[0]
-
-        def hold(inner_state):
-            return zeros_like(shapes), inner_state
-
-        new_updates, inner_state = jax.lax.cond(skip, hold, run_inner, state.inner_state)
+        new_updates, inner_state = update_if(~skip, self.inner, updates, state.inner_state, params,
+                                             extra)
         streak = jnp.where(finite, jnp.zeros((), jnp.int32),
                            numerics.safe_increment(state.consecutive_nonfinite))
         total = jnp.where(skip, numerics.safe_increment(state.total_skips), state.total_skips)
