@@ -4,7 +4,6 @@ a single bit of any registry optimizer's trajectory."""
 from __future__ import annotations
 
 import os
-import re
 import sys
 
 import jax
@@ -15,6 +14,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import gradtx  # noqa: E402
+from exact_checks import array_copies, tree_bits_equal  # noqa: E402
 from optimizer_registry import ENTRIES, ENTRY_IDS, PROBLEMS  # noqa: E402
 
 CPU_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
@@ -74,13 +74,6 @@ def _trajectory(tx, params, options, steps=3):
     return out
 
 
-def _bits(x):
-    x = np.asarray(x)
-    if x.dtype.kind != "f" and x.dtype != jnp.bfloat16:
-        return x
-    return x.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[x.dtype.itemsize])
-
-
 @on_cpu
 @pytest.mark.parametrize("entry", ENTRIES, ids=ENTRY_IDS)
 def test_options_change_no_bit_of_any_registry_trajectory(entry):
@@ -89,17 +82,9 @@ def test_options_change_no_bit_of_any_registry_trajectory(entry):
     tx = entry.make("quadratic")
     plain = _trajectory(tx, params, None)
     fast = _trajectory(tx, params, gradtx.compiler_options("cpu"))
-    for a, b in zip(plain, fast):
-        la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-        assert len(la) == len(lb)
-        for x, y in zip(la, lb):
-            np.testing.assert_array_equal(_bits(x), _bits(y))
-
-
-def _array_copies(hlo_text: str) -> list[str]:
-    """``copy`` instructions of non-scalar buffers in the optimized HLO."""
-    return [line.strip() for line in hlo_text.splitlines()
-            if re.search(r"=\s*\S+\s+copy\(", line) and not re.search(r"=\s*\w+\[\]", line)]
+    assert len(plain) == len(fast)
+    for step, (a, b) in enumerate(zip(plain, fast)):
+        assert tree_bits_equal(a, b), f"{entry.name}: step {step + 1} differs with the options"
 
 
 _TREE = {"w": (96, 64), "b": (64,), "k": (3, 8, 8)}
@@ -118,5 +103,5 @@ def test_train_step_updates_donated_buffers_in_place(make):
     params = {k: jnp.ones(s, jnp.float32) for k, s in _TREE.items()}
     state = tx.init(params)
     lowered = jax.jit(_train_step(tx), donate_argnums=(0, 1)).lower(params, state)
-    copies = _array_copies(lowered.compile(gradtx.compiler_options("cpu")).as_text())
+    copies = array_copies(lowered.compile(gradtx.compiler_options("cpu")).as_text())
     assert copies == [], "the compiled step copies donated buffers:\n" + "\n".join(copies)

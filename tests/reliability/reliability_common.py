@@ -23,6 +23,7 @@ if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
 import gradtx  # noqa: E402
+from exact_checks import tree_bits_equal  # noqa: E402,F401  (re-exported for the suite)
 from optimizer_registry import ENTRIES, select_matrices  # noqa: E402
 
 g = gradtx
@@ -77,18 +78,3 @@ def make_step(tx):
         return gradtx.apply_updates(params, updates), state, loss
     return step
 
-
-def tree_bits_equal(a, b) -> bool:
-    """True when two trees have the same structure, dtypes and bit-identical leaves (NaN == NaN)."""
-    import numpy as np
-    la, ta = jax.tree.flatten(a)
-    lb, tb = jax.tree.flatten(b)
-    if ta != tb or len(la) != len(lb):
-        return False
-    for x, y in zip(la, lb):
-        x, y = np.asarray(x), np.asarray(y)
-        if x.dtype != y.dtype or x.shape != y.shape:
-            return False
-        if x.tobytes() != y.tobytes():
-            return False
-    return True
