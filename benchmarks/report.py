@@ -12,25 +12,20 @@ import jax
 
 
 def machine_info() -> dict:
-    cpu = "unknown"
+    cpu = platform.processor() or "unknown"
+    fields = {}
     try:
-        with open("/proc/cpuinfo") as f:
+        with open("/proc/cpuinfo") as f:      # the first processor's "name : value" lines
             for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
+                if not line.strip():
                     break
-    except OSError:
-        cpu = platform.processor() or "unknown"
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    fl = line.split(":", 1)[1].split()
-                    flags = ", ".join(x for x in ("avx2", "avx512f", "avx512bw", "avx512_bf16") if x in fl)
-                    break
+                name, _, value = line.partition(":")
+                fields.setdefault(name.strip(), value.strip())
     except OSError:
         pass
+    cpu = fields.get("model name", cpu)
+    present = fields.get("flags", "").split()
+    flags = ", ".join(x for x in ("avx2", "avx512f", "avx512bw", "avx512_bf16") if x in present)
     versions = {"python": platform.python_version(), "jax": jax.__version__}
     try:
         import jaxlib

@@ -149,6 +149,16 @@ def check_png(path) -> None:
         raise ValueError(f"{path} is an empty or degenerate image: shape {img.shape}")
 
 
+def save_figure(fig, path: str, dpi: int = 110) -> str:
+    """Lay ``fig`` out, write it to ``path`` and close it (so long runs do not keep figures)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def ensure_dir(path: str) -> str:
     os.makedirs(path, exist_ok=True)
     return os.path.abspath(path)

@@ -136,10 +136,7 @@ def main(argv=None) -> int:
     for ax in (ax1, ax2):
         ax.grid(True, which="both", alpha=0.3)
     fig.suptitle(f"Flax Linen TrainState + gradtx LAMB, {k} x {args.micro_batch} accumulated")
-    fig.tight_layout()
-    png = os.path.join(out, "training.png")
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    png = _common.save_figure(fig, os.path.join(out, "training.png"))
     print(f"wrote {png}")
     return 0
 

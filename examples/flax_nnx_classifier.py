@@ -188,10 +188,7 @@ def main(argv=None) -> int:
         title = "resumed run" if args.resume else "run"
         fig.suptitle(f"Flax NNX MLP on sklearn digits: AdamW + warm-up/cosine + EMA ({title}, "
                      f"steps {start + 1}-{stop})")
-        fig.tight_layout()
-        png = os.path.join(out, "training.png")
-        fig.savefig(png, dpi=110)
-        plt.close(fig)
+        png = _common.save_figure(fig, os.path.join(out, "training.png"))
         print(f"wrote {png}")
     return 0
 

@@ -115,9 +115,7 @@ def plot_gallery(path: str, total: int = 1000, dpi: int = 110) -> list[tuple[str
         ax.set_ylabel("learning rate", fontsize=9)
     fig.suptitle(f"gradtx.schedules: every schedule over {total} steps (title = the code that "
                  f"builds it)", fontsize=13)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=dpi)
     return pairs
 
 

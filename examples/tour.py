@@ -193,9 +193,7 @@ def plot_convergence(results: dict, path: str, steps: int, n_test: int) -> None:
         ax.legend(fontsize=9)
     fig.suptitle("Same Flax NNX MLP, same initial weights and batches: sklearn 8x8 digits",
                  fontsize=13)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _common.save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -37,7 +37,7 @@ from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import _common  # noqa: E402,F401  (selects the Agg backend before pyplot is imported)
+import _common  # noqa: E402  (selects the Agg backend before pyplot is imported)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
@@ -283,9 +283,7 @@ def plot_trajectories(out_path: str, names=None, steps_scale: float = 1.0,
                   "○ start   ★ minimum   • end point", ha="center", va="center",
                   transform=table_ax.transAxes, fontsize=9)
     fig.suptitle("gradtx optimizers on 2-D test functions", fontsize=15)
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
+    _common.save_figure(fig, out_path)
     return all_results
 
 

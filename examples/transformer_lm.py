@@ -251,10 +251,7 @@ def main(argv=None) -> int:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("Character-level Transformer LM on Python stdlib sources: AdamW vs Lion")
-    fig.tight_layout()
-    png = os.path.join(out, "lm.png")
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    png = _common.save_figure(fig, os.path.join(out, "lm.png"))
     print(f"\nwrote {png}")
     return 0
 

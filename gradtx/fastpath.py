@@ -59,7 +59,7 @@ import jax.numpy as jnp
 
 from gradtx.base import Transform, option, transform
 from gradtx.combine import FrozenTree, _check_member, _is_transform_like, call_update
-from gradtx.tree import TreeMismatchError, first_difference
+from gradtx.tree import TreeMismatchError, first_difference, keystr
 from gradtx.transforms.clipping import adaptive_grad_clip, clip_by_block_rms
 from gradtx.transforms.factored import scale_by_factored_rms, scale_by_param_block_rms
 from gradtx.transforms.trust_ratio import scale_by_trust_ratio
@@ -207,7 +207,7 @@ class flatten(Transform):
                     f"were computed for.")
             for i, (u, p) in enumerate(zip(leaves, param_leaves)):
                 if _dtype_name(u) != _dtype_name(p):
-                    path = jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(updates)[0][i][0])
+                    path = keystr(jax.tree_util.tree_flatten_with_path(updates)[0][i][0])
                     raise TypeError(
                         f"flatten: the update at {path} has dtype {_dtype_name(u)} but its "
                         f"parameter has dtype {_dtype_name(p)}; flatten groups leaves by dtype and "
