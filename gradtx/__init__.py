@@ -37,7 +37,7 @@ from gradtx.optimizers import (adabelief, adadelta, adafactor, adagrad, adam, ad
                                sign_sgd)
 from gradtx.porting import from_torch
 from gradtx.fastpath import FlattenState, flatten
-from gradtx.compiler import compiler_options
+from gradtx.compiler import compiler_options, xla_flags
 from gradtx.quantization import (DEFAULT_UNSIGNED_FIELDS, QuantizedArray, QuantizedState,
                                  dequantize_blockwise, dynamic_map, quantize_blockwise,
                                  quantized_state)
