@@ -31,65 +31,138 @@ __all__ = [
 
 # --------------------------------------------------------------------------------------------
 # The dynamic (tree) quantisation map
+#
+# Magnitude index p: 0 is the value 0; decade k = 0..6 (values 10**(k-6) * [0.1, 1]) holds the
+# n_k indices p in [P_k, P_k + n_k), with n_k = P_k = 2**k (signed map) or n_k = 2**(k+1),
+# P_k = 2**(k+1) - 1 (unsigned); the top index (128 signed, 255 unsigned) is the value 1. With
+# the integer q = p (signed) or p + 1 (unsigned), decade k is q in [n_k, 2 n_k) and bitsandbytes'
+# value there is linear in q. The map is DEFINED as value(q) = fl32(A_k + B_k * q) with float32
+# constants whose B_k has at most 24 - bitlength(2 n_k - 1) significant bits (23 - k signed,
+# 22 - k unsigned, so at least 16): B_k * q is then exact in float32 for every q of the decade,
+# and the value is the same whether or not a compiler fuses the multiply-add, eagerly, under jit
+# and on every backend. Decoding (:func:`_magnitude_value`) and both encoders compute map values
+# this way, picking the decade's constants with comparisons and selects (:func:`_per_decade`),
+# instead of looking them up in a table: XLA fuses that arithmetic into every consumer, where a
+# gather is materialised (and on CPU runs as a scalar loop).
+
+_MAX_DEVIATION = 1e-5    # asserted: |map / bitsandbytes' float64 map - 1| (measured 5.8e-6)
+
+
+def _decade(signed: bool, k: int):
+    """Decade ``k``: ``n_k``, its integers ``q = n_k .. 2 n_k - 1`` (float64) and bitsandbytes'
+    float64 values there, ``10**(k-6) * (0.1 + 0.9 * (q - n_k + 0.5) / n_k)`` (the midpoints of
+    ``n_k`` equal intervals of ``[0.1, 1]``, scaled to the decade)."""
+    n = 2 ** k if signed else 2 ** (k + 1)
+    q = np.arange(n, 2 * n, dtype=np.float64)
+    return n, q, 10.0 ** (k - 6) * (0.1 + 0.9 * (q - n + 0.5) / n)
+
+
+def _decade_constants(signed: bool):
+    """float32 ``A_k, B_k`` (``k = 0..6``) of ``value(q) = fl32(A_k + B_k * q)``.
+
+    ``B_k`` is the exact slope ``0.9 * 10**(k-6) / n_k`` rounded to the most significant bits
+    that keep ``B_k * q`` exact for ``q < 2 n_k``; ``A_k`` the offset that spreads the slope's
+    rounding error evenly (equal relative deviation, of opposite signs, at the two ends of the
+    decade), rounded to float32."""
+    a_k, b_k = [], []
+    for k in range(7):
+        n, q, v = _decade(signed, k)
+        slope = 0.9 * 10.0 ** (k - 6) / n
+        bits = 24 - (2 * n - 1).bit_length()
+        mantissa, exponent = np.frexp(slope)
+        b = np.ldexp(np.round(np.ldexp(mantissa, bits)), exponent - bits)
+        lo, hi = v[0], v[-1]
+        a = (lo - slope * q[0]) - (b - slope) * (q[0] / lo + q[-1] / hi) / (1 / lo + 1 / hi)
+        a_k.append(a)
+        b_k.append(b)
+    return np.asarray(a_k, np.float32), np.asarray(b_k, np.float32)
+
+
+_CONSTANTS = {True: _decade_constants(True), False: _decade_constants(False)}
+_TOP = {True: 128, False: 255}      # the magnitude index of the value 1
+_N = {True: 2 ** np.arange(7), False: 2 ** np.arange(1, 8)}   # n_k: decade k is q in [n_k, 2n_k)
 
 
 def _build_dynamic_map(signed: bool) -> np.ndarray:
-    """The 256 sorted float32 values of the dynamic quantisation map (see :func:`dynamic_map`)."""
-    values = [0.0, 1.0]
-    for k in range(7):                        # decades 1e-6 .. 1e0 (the exponent)
-        scale = 10.0 ** (k - 6)
-        intervals = 2 ** k if signed else 2 ** (k + 1)  # the fraction bits left over
-        edges = np.linspace(0.1, 1.0, intervals + 1)
-        mids = (edges[:-1] + edges[1:]) / 2.0
-        values.extend((scale * mids).tolist())
-        if signed:
-            values.extend((-scale * mids).tolist())
-    table = np.sort(np.asarray(values, np.float64)).astype(np.float32)
+    """The 256 sorted float32 values of the dynamic quantisation map (see :func:`dynamic_map`),
+    computed with the float32 operations of :func:`_magnitude_value`; checked against
+    bitsandbytes' float64 construction."""
+    a_k, b_k = _CONSTANTS[signed]
+    magnitudes, reference = [np.zeros(1, np.float32)], [np.zeros(1)]
+    for k in range(7):
+        _, q, v = _decade(signed, k)
+        assert np.all((b_k[k] * q).astype(np.float32) == b_k[k] * q)        # exact products
+        magnitudes.append(a_k[k] + b_k[k] * q.astype(np.float32))         # float32 ops
+        reference.append(v)
+    magnitudes.append(np.ones(1, np.float32))
+    mag, ref = np.concatenate(magnitudes), np.concatenate(reference + [np.ones(1)])
+    assert mag.dtype == np.float32 and mag.shape == (_TOP[signed] + 1,)
+    assert np.max(np.abs(mag[1:-1] / ref[1:-1] - 1.0)) <= _MAX_DEVIATION
+    table = np.concatenate([-mag[1:-1][::-1], mag]) if signed else mag       # no -1
     assert table.shape == (256,) and np.all(np.diff(table) > 0)
+    # signed: -1 is stored as the most negative value, its error within half the largest gap
+    assert not signed or 1.0 - float(mag[-2]) <= np.max(np.diff(table.astype(np.float64))) / 2
     return table
 
 
 _MAPS = {True: _build_dynamic_map(True), False: _build_dynamic_map(False)}
-# decision thresholds: the midpoints between consecutive codes (nearest-code rounding)
-_MIDPOINTS = {s: ((m[:-1].astype(np.float64) + m[1:]) / 2.0).astype(np.float32)
-              for s, m in _MAPS.items()}
-_ZERO_CODE = {s: int(np.flatnonzero(m == 0.0)[0]) for s, m in _MAPS.items()}
+# decision thresholds of nearest rounding: the float32 midpoints between consecutive map values,
+# computed as the encoder computes them, (lo + hi) * 0.5 (the halving is exact)
+_MIDPOINTS = {s: (m[:-1] + m[1:]) * np.float32(0.5) for s, m in _MAPS.items()}
+assert all(x.dtype == np.float32 for x in _MIDPOINTS.values())
+# the signed map is symmetric apart from +1: negative values use the positive magnitudes
+assert np.array_equal(-_MAPS[True][:127][::-1], _MAPS[True][128:255])
+assert np.array_equal(-_MIDPOINTS[True][:127][::-1], _MIDPOINTS[True][127:254])
 
 
-def _magnitude_tables(signed: bool):
-    """Per-magnitude tables and per-decade constants of the arithmetic code search.
-
-    Magnitude index ``p``: ``0`` is the value 0, decade ``k`` holds ``p`` in ``[P_k, P_k + n_k)``
-    and the last index is the value 1 (``p = 128`` signed, ``255`` unsigned), with ``n_k = 2**k``,
-    ``P_k = 2**k`` (signed) or ``n_k = 2**(k+1)``, ``P_k = 2**(k+1) - 1`` (unsigned). Returns the
-    float32 magnitudes (``mag[p]``), the float32 decision thresholds between ``p`` and ``p + 1``
-    (``thr[p]``: exactly the midpoints used by the reference search) and per decade ``k`` the
-    constants ``D_k, C_k`` of the continuous position ``a * D_k + C_k``, which equals ``p`` at the
-    map value ``p`` and ``p + 1/2`` half-way between two values of the same decade.
-    """
-    table = _MAPS[signed]
-    mids = _MIDPOINTS[signed]
-    if signed:
-        # the map is symmetric apart from +1, so negative values use the positive magnitudes
-        assert np.array_equal(-table[:127][::-1], table[128:255])
-        assert np.array_equal(-mids[:127][::-1], mids[127:254])
-        mag, thr = table[127:], mids[127:]
-    else:
-        mag, thr = table, mids
-    d, c = [], []
-    for k in range(7):
-        n = 2 ** k if signed else 2 ** (k + 1)
-        first = n if signed else n - 1
-        d.append(10.0 ** (6 - k) * n / 0.9)
-        c.append(first - 0.1 * n / 0.9 - 0.5)
-    return (mag.astype(np.float32), thr.astype(np.float32), np.asarray(d, np.float32),
-            np.asarray(c, np.float32))
+def _per_decade(masks, *columns):
+    """Per element, entry ``k`` of each column (a numpy array indexed by decade), where ``k`` is
+    the number of true ``masks`` (``masks[i]``: in decade ``i + 1`` or above, so each mask
+    implies the one before): one select per column and decade boundary, instead of a gather
+    (which XLA will not fuse into several consumers, and runs as a scalar loop on CPU)."""
+    out = [jnp.full(jnp.shape(masks[0]), c[0], jnp.float32) for c in columns]
+    for k, mask in enumerate(masks, 1):
+        out = [jnp.where(mask, c[k], o) for c, o in zip(columns, out)]
+    return out
 
 
-_TABLES = {True: _magnitude_tables(True), False: _magnitude_tables(False)}
-# decade k of a magnitude a: a >= _DECADE_START[k - 1] (10**(k-7)); any nearby boundary works (the
-# position estimate is continuous across decades to within the rounding the search corrects)
-_DECADE_START = [np.float32(10.0 ** (k - 7)) for k in range(1, 7)]
+def _magnitude_value(p, signed: bool):
+    """The float32 map value of the int32 magnitude indices ``p`` (``0 <= p <= top``):
+    ``fl32(A_k + B_k * q)`` in the decade ``k`` of ``q``, then ``0`` and ``1`` at the ends.
+    Bit for bit the table (:data:`_MAPS`), without a gather."""
+    a_k, b_k = _CONSTANTS[signed]
+    q = p if signed else p + 1
+    a, b = _per_decade([q >= int(n) for n in _N[signed][1:]], a_k, b_k)
+    value = a + b * q.astype(jnp.float32)
+    return jnp.where(p == 0, jnp.float32(0), jnp.where(p >= _TOP[signed], jnp.float32(1), value))
+
+
+class _EncoderTables(NamedTuple):
+    """Per-decade constants of the encoders (numpy, indexed by decade ``k = 0..6``)."""
+
+    inverse: np.ndarray     # 1 / B_k: (a - A_k) * inverse_k estimates the q of a magnitude a
+    last: np.ndarray        # the decade's last q, 2 n_k - 1 (float32)
+    first: np.ndarray       # the decade's first value, value(n_k)
+    above: np.ndarray       # the value after its last: the next decade's first, or 1
+    bounds: np.ndarray      # 8 int32 bit patterns of the midpoints below each decade's first
+    #                         value and below 1: 0 | decade 0 | decade 1 | ... | decade 6 | 1
+
+
+def _encoder_tables(signed: bool) -> _EncoderTables:
+    """The :class:`_EncoderTables` of a map, read off the map itself (so exactly its values and
+    :data:`_MIDPOINTS`)."""
+    mag = _MAPS[signed][127:] if signed else _MAPS[signed]            # indexed by p
+    mids = _MIDPOINTS[signed][127:] if signed else _MIDPOINTS[signed]  # between p and p + 1
+    n = _N[signed]
+    first_p = n if signed else n - 1
+    bounds = np.append(mids[first_p - 1], mids[_TOP[signed] - 1])
+    return _EncoderTables(
+        inverse=(1.0 / _CONSTANTS[signed][1].astype(np.float64)).astype(np.float32),
+        last=(2 * n - 1).astype(np.float32), first=mag[first_p], above=mag[first_p + n],
+        bounds=bounds.astype(np.float32).view(np.int32))
+
+
+_ENCODER = {True: _encoder_tables(True), False: _encoder_tables(False)}
 
 
 def dynamic_map(signed: bool = True) -> np.ndarray:
@@ -102,11 +175,25 @@ def dynamic_map(signed: bool = True) -> np.ndarray:
     each with both signs) or ``2**(k+1)`` (unsigned: the sign bit becomes one more fraction bit);
     plus ``0`` and ``1``. So small magnitudes get coarse relative steps from far fewer codes and
     large ones are resolved finely: the relative spacing near 1 is ``0.9/64`` (signed) and
-    ``0.9/128`` (unsigned), and the smallest non-zero magnitude is ``0.55e-6``.
+    ``0.9/128`` (unsigned), and the smallest non-zero magnitude is ``0.55e-6`` (signed) or
+    ``0.325e-6`` (unsigned).
 
     The signed map spans ``[-0.99297, 1]`` (there is no code for ``-1``: a block's most negative
     value, when it sets the absmax, is stored as ``-0.99297·absmax``) and the unsigned map
-    ``[0, 1]``. The same construction as bitsandbytes' ``create_dynamic_map`` (its defaults).
+    ``[0, 1]``.
+
+    **Relation to bitsandbytes.** The same construction as bitsandbytes' ``create_dynamic_map``
+    (its defaults), with the values of each decade rounded so that decoding is exact float32
+    arithmetic instead of a table lookup. Inside decade ``k`` the values are linear in an integer
+    ``q`` (the magnitude index, plus one for the unsigned map): bitsandbytes' value is
+    ``10**(k-6) * (0.1 + 0.9 * (q - n_k + 0.5) / n_k)`` for ``q = n_k .. 2 n_k - 1``. gradtx
+    *defines* it as ``fl32(A_k + B_k * q)`` with float32 constants, ``B_k`` the slope rounded to
+    ``24 - bitlength(2 n_k - 1)`` significant bits (so that ``B_k * q`` is exact and the result is
+    the same with or without a fused multiply-add, eagerly, under jit and on every backend) and
+    ``A_k`` the offset that balances the rounding over the decade. The values are within
+    ``1.4e-6`` (signed) and ``5.8e-6`` (unsigned) relative of bitsandbytes' float64 values (at
+    most 0.16% of the gap to the next value; bitsandbytes' float32 table is within ``6e-8``), and
+    ``0`` and ``1`` are exact. Codes are interchangeable with bitsandbytes' to that precision.
 
     Example:
         >>> from gradtx.quantization import dynamic_map
@@ -177,71 +264,84 @@ class QuantizedArray:
 _ROUNDINGS = ("nearest", "stochastic")
 
 
-def _floor_position(a, signed: bool):
-    """``floor(a * D_k + C_k)`` for magnitudes ``a`` in ``[0, 1]`` (float32): an estimate of the
-    magnitude index of the largest map value ``<= a`` that is exact except within a few float32
-    rounding errors of a map value, where it may be one too high or too low. The decade ``k`` is
-    picked with six comparisons and selects (no table lookup)."""
-    _, _, d_k, c_k = _TABLES[signed]
-    d = jnp.full(jnp.shape(a), d_k[0], jnp.float32)
-    c = jnp.full(jnp.shape(a), c_k[0], jnp.float32)
-    for k, start in enumerate(_DECADE_START, 1):
-        above = a >= start
-        d = jnp.where(above, d_k[k], d)
-        c = jnp.where(above, c_k[k], c)
-    return jnp.floor(a * d + c)
-
-
-def _clipped_index(f, top):
-    """``f`` (float32 from :func:`_floor_position`) clipped to ``[0, top]`` as int32; NaN -> 0."""
-    return jnp.minimum(jnp.where(f > 0, f, jnp.float32(0)), top).astype(jnp.int32)
-
-
-def _magnitude_and_limit(y, signed: bool):
+def _magnitude(y, signed: bool):
+    """``|y|`` as the encoders see it (unsigned map: negatives clip to 0) and, for the signed map,
+    whether ``y < 0`` (else ``None``)."""
     if signed:
-        positive = y >= 0
-        # -1 has no code: the most negative magnitude is index 127, +1 is index 128
-        return jnp.abs(y), positive, jnp.where(positive, jnp.float32(127), jnp.float32(126))
-    return jnp.maximum(y, jnp.float32(0)), None, jnp.float32(254)
+        return jnp.abs(y), y < 0
+    return jnp.maximum(y, jnp.float32(0)), None
 
 
-def _to_code(p, positive, signed: bool):
+def _to_code(p, negative, signed: bool):
+    """uint8 codes of the (float32, integer-valued) magnitude indices ``p``."""
     if signed:
-        return jnp.where(positive, 127 + p, 127 - p).astype(jnp.uint8)
+        return jnp.where(negative, 127 - p, 127 + p).astype(jnp.uint8)
     return p.astype(jnp.uint8)
 
 
 def _nearest_codes(y, signed: bool):
     """Codes of the map values nearest to ``y`` (float32 in ``[-1, 1]``), ties to the lower code:
-    bit-for-bit ``searchsorted(midpoints, y, side="left")``, without the binary search. The
-    position estimate gives the lower of the two candidate codes exactly (it is only unsure next to
-    a map value, where both candidate pairs contain that value), and one comparison with the exact
-    float32 midpoint between the candidates decides."""
-    _, thr, _, _ = _TABLES[signed]
-    a, positive, top = _magnitude_and_limit(y, signed)
-    f = _clipped_index(_floor_position(a, signed), top)
-    t = jnp.asarray(thr)[f]
+    bit-for-bit ``searchsorted(_MIDPOINTS, y, side="left")``, without a search or a table lookup.
+
+    The decade holding the nearest value comes from comparisons with the midpoints between
+    decades (below a decade's first value; below 1, past which the answer is 1). Inside decade
+    ``k``, ``q = floor((|y| - A_k) / B_k)`` names the lower of the two candidate values exactly,
+    except right next to a value, where both candidate pairs contain it; one comparison with the
+    float32 midpoint ``(value(q) + value(q + 1)) * 0.5`` between them (exactly
+    :data:`_MIDPOINTS`) decides. At the decade's ends: between the midpoint below its first value
+    and that value the estimate is one q too low, but the line ``A_k + B_k q`` there passes
+    ``10**(k-7)``, below the midpoint, so the first value is chosen; above the last value the
+    result is clamped to it. Ties: the lower code is the smaller magnitude for ``y >= 0`` and the
+    larger for ``y < 0``; on the int32 bit patterns of non-negative floats (ordered like the
+    floats) ``|y| >= t`` is ``bits(|y|) + 1 > bits(t)``, so one comparison serves both signs.
+    """
+    a, negative = _magnitude(y, signed)
+    key = jax.lax.bitcast_convert_type(a, jnp.int32)
     if signed:
-        # a tie goes to the lower code: the smaller magnitude for y > 0, the larger for y < 0
-        up = jnp.where(positive, a > t, a >= t)
-    else:
-        up = a > t
-    return _to_code(f + up.astype(jnp.int32), positive, signed)
+        key = key + negative.astype(jnp.int32)
+    tables, (a_k, b_k) = _ENCODER[signed], _CONSTANTS[signed]
+    bounds = tables.bounds
+    line_a, line_b, inverse, last = _per_decade(
+        [key > bound for bound in bounds[1:7]], a_k, b_k, tables.inverse, tables.last)
+    q = jnp.floor((a - line_a) * inverse)
+    midpoint = ((line_a + line_b * q) + (line_a + line_b * (q + 1))) * jnp.float32(0.5)
+    up = key > jax.lax.bitcast_convert_type(midpoint, jnp.int32)
+    q = jnp.minimum(q + up.astype(jnp.float32), last)
+    p = q if signed else q - 1
+    p = jnp.where(key > bounds[0], p, jnp.float32(0))
+    top = jnp.float32(_TOP[signed])
+    if signed:
+        top = jnp.where(negative, jnp.float32(127), top)   # -1 has no code
+    return _to_code(jnp.where(key > bounds[7], top, p), negative, signed)
 
 
 def _stochastic_codes(y, signed: bool, u):
     """Stochastic rounding of ``y`` between its two neighbouring map values ``lo <= |y| <= hi``:
     up with probability ``(|y| - lo) / (hi - lo)`` (``u`` uniform in ``[0, 1)``, one per element).
-    Next to a map value the estimate may name the pair on the other side of it; the probability
-    then falls just outside ``[0, 1]`` and the value itself is chosen (an error of a few float32
-    roundings, far below the code spacing)."""
-    mag, _, _, _ = _TABLES[signed]
-    a, positive, top = _magnitude_and_limit(y, signed)
-    f = _clipped_index(_floor_position(a, signed), top)
-    table = jnp.asarray(mag)
-    lo, hi = table[f], table[f + 1]
-    up = u * (hi - lo) < a - lo
-    return _to_code(f + up.astype(jnp.int32), positive, signed)
+
+    The decade comes from comparisons with the decades' first values; inside it,
+    ``q = floor((|y| - A_k) / B_k)`` clamped to the decade, ``lo = value(q)``, and ``hi`` the
+    next value (at the decade's last value, the next decade's first or 1). Next to a value the
+    estimate may name the pair on the other side of it; the probability then falls just outside
+    ``[0, 1]`` and the value itself is chosen. Below the first non-zero value the neighbours are
+    0 and that value.
+    """
+    a, negative = _magnitude(y, signed)
+    tables, (a_k, b_k) = _ENCODER[signed], _CONSTANTS[signed]
+    line_a, line_b, inverse, last, above = _per_decade(
+        [a >= first for first in tables.first[1:]], a_k, b_k, tables.inverse, tables.last,
+        tables.above)
+    q = jnp.clip(jnp.floor((a - line_a) * inverse), (last + 1) * jnp.float32(0.5), last)
+    lo = line_a + line_b * q
+    hi = jnp.where(q == last, above, line_a + line_b * (q + 1))
+    q = q + (u * (hi - lo) < a - lo).astype(jnp.float32)
+    p = q if signed else q - 1
+    smallest = tables.first[0]
+    p = jnp.where(a >= smallest, p, (u * smallest < a).astype(jnp.float32))
+    p = jnp.where(a >= 1, jnp.float32(_TOP[signed]), p)
+    if signed:
+        p = jnp.where(negative, jnp.minimum(p, jnp.float32(127)), p)   # -1 has no code
+    return _to_code(p, negative, signed)
 
 
 def _fmix32(h):
@@ -282,6 +382,26 @@ def _uniforms(words, shape):
     return (h >> 8).astype(jnp.float32) * np.float32(2.0 ** -24)
 
 
+def _block_absmax(blocks):
+    """``max |x|`` over each row of ``blocks`` (float32, ``(n_blocks, block_size)``); NaN if the
+    row holds a NaN.
+
+    The same result as ``jnp.max(jnp.abs(blocks), axis=1)``, computed so that XLA CPU fuses it
+    with whatever produces ``blocks`` (in :class:`quantized_state`: the dequantizing and update
+    arithmetic) instead of first writing them to a temporary float32 array (on a 16M-element
+    leaf that temporary and its page faults cost more than the rest of the quantisation): the
+    maximum of the int32 bit patterns of ``|x|`` (ordered as the non-negative floats are, NaNs
+    above +inf) over groups of at most 16 consecutive elements, then a float maximum over the
+    groups. A float maximum over a whole block is handed to a library kernel that takes
+    materialised input, and one reduction over both stages is split into windows that are.
+    """
+    n_blocks, size = blocks.shape
+    width = max(d for d in range(1, min(size, 16) + 1) if size % d == 0)
+    bits = jax.lax.bitcast_convert_type(jnp.abs(blocks), jnp.int32)
+    groups = jnp.max(bits.reshape(n_blocks, size // width, width), axis=2)
+    return jnp.max(jax.lax.bitcast_convert_type(groups, jnp.float32), axis=1)
+
+
 def quantize_blockwise(x, *, signed: bool = True, block_size: int = 256,
                        rounding: str = "nearest", key=None) -> QuantizedArray:
     """Quantize ``x`` to 8-bit codes with one float32 absmax scale per block of ``block_size``.
@@ -292,10 +412,11 @@ def quantize_blockwise(x, *, signed: bool = True, block_size: int = 256,
 
     * ``rounding="nearest"`` (default): the code of the map value nearest to ``y_i``, ties to the
       lower code -- bit-for-bit ``searchsorted(midpoints, y, side="left")`` over the 255 float32
-      midpoints between consecutive map values, computed without a binary search: the decade of
-      ``|y|`` from six comparisons, the position inside it from the decade's linear spacing, then
-      one comparison with the exact midpoint between the two candidate codes (checked against the
-      search for every float32 in ``[-1, 1]``).
+      midpoints ``(m[i] + m[i+1]) * 0.5`` between consecutive map values, computed without a
+      search or a table lookup: the decade of ``|y|`` from comparisons with the midpoints
+      between decades, the position inside it from the decade's linear spacing, then one
+      comparison with the midpoint between the two candidate codes, computed from their values
+      (checked against the search for every float32 in ``[-1, 1]``, both maps).
     * ``rounding="stochastic"``: between the neighbouring map values ``a <= y_i <= b``, ``b`` with
       probability ``(y_i - a) / (b - a)`` and ``a`` otherwise, so that
       ``E[dequantize(quantize(x))] = x`` (unbiased, up to 2**-24 of the code spacing from the
@@ -360,7 +481,7 @@ def _quantize(x, signed: bool, block_size: int, rounding: str, words) -> Quantiz
     if pad:
         flat = jnp.concatenate([flat, jnp.zeros((pad,), jnp.float32)])
     blocks = flat.reshape(n_blocks, block_size)
-    absmax = jnp.max(jnp.abs(blocks), axis=1)
+    absmax = _block_absmax(blocks)
     # a NaN or an infinity in a block: store a NaN scale, so the whole block reads back as NaN
     absmax = jnp.where(jnp.isfinite(absmax), absmax, jnp.float32(jnp.nan))
     safe = jnp.where(absmax > 0, absmax, jnp.ones_like(absmax))
@@ -375,8 +496,13 @@ def _quantize(x, signed: bool, block_size: int, rounding: str, words) -> Quantiz
 def dequantize_blockwise(q: QuantizedArray) -> jax.Array:
     """The array a :class:`QuantizedArray` stands for: ``map[code] * absmax``, in its dtype.
 
-    A table lookup and one multiply per element, computed in float32 and cast to the original
-    dtype and shape. bitsandbytes: ``bitsandbytes.functional.dequantize_blockwise``.
+    ``map[code]`` is computed, not looked up: the magnitude index ``p`` of the code (signed:
+    ``|code - 127|``, negative below 127), its decade's float32 constants picked by six
+    comparisons, ``A_k + B_k * q`` (exact products, see :func:`dynamic_map`), ``0`` and ``1`` at
+    the ends -- bit for bit the table value, with no gather, so XLA can fuse the decoding into
+    whatever consumes it instead of materialising the float32 array. Then one multiply by the
+    block's absmax in float32 and a cast to the original dtype and shape.
+    bitsandbytes: ``bitsandbytes.functional.dequantize_blockwise``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -386,8 +512,13 @@ def dequantize_blockwise(q: QuantizedArray) -> jax.Array:
         >>> y.shape, bool(jnp.max(jnp.abs(y - x)) < 0.0075)
         ((1000,), True)
     """
-    table = jnp.asarray(_MAPS[q.signed])
-    values = table[q.codes.astype(jnp.int32)] * q.absmax.astype(jnp.float32)[:, None]
+    codes = q.codes.astype(jnp.int32)
+    if q.signed:
+        values = _magnitude_value(jnp.abs(codes - 127), True)
+        values = jnp.where(codes >= 127, values, -values)
+    else:
+        values = _magnitude_value(codes, False)
+    values = values * q.absmax.astype(jnp.float32)[:, None]
     n = q.size
     return values.reshape(-1)[:n].reshape(q.shape).astype(q.dtype)
 
