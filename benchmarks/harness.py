@@ -74,6 +74,12 @@ def run_optimizer(tree_name: str, params, grads, spec: OptimizerSpec, settings: 
                   floor_cache: dict, gradtx_module, optax_module) -> list[dict]:
     n_params, n_leaves = sum(int(x.size) for x in jax.tree.leaves(params)), len(jax.tree.leaves(params))
     log = settings.log
+    if spec.max_leaves is not None and n_leaves > spec.max_leaves:
+        msg = f"skipped: more than {spec.max_leaves} leaves ({spec.max_leaves_reason})"
+        log(f"    gradtx: {msg}")
+        row = _base_row(tree_name, n_params, n_leaves, spec.name, "gradtx")
+        row["error"] = msg
+        return [row]
     rows, cands, errors = [], [], []
     traffic = spec.traffic(params)
     key = (traffic.describe(),) + tuple((tuple(s.shape), str(s.dtype))

@@ -95,6 +95,27 @@ def test_optimizer_rows_have_the_expected_fields():
     assert by_impl["floor"]["bytes_moved"] == 7 * n_bytes
 
 
+def test_spec_with_a_leaf_limit_is_skipped_on_bigger_trees_without_compiling():
+    import dataclasses
+    import gradtx
+    params = trees.materialize(TINY, seed=0, scale=0.02)       # 3 leaves
+    compiled = []
+
+    def make(gt):
+        compiled.append(True)
+        return gt.adamw(1e-3)
+    spec = dataclasses.replace(suite.SPECS["adamw"], make_gradtx=make, make_optax=None,
+                               torch=(), max_leaves=2, max_leaves_reason="too many for this test")
+    settings = harness.Settings(warmup=1, reps=2, time_budget_s=None, torch=False,
+                                log=lambda *a: None)
+    rows = harness.run_optimizer("tiny", params, params, spec, settings, {}, gradtx, None)
+    assert not compiled
+    assert len(rows) == 1 and rows[0]["impl"] == "gradtx"
+    assert "more than 2 leaves" in rows[0]["error"] and "too many for this test" in rows[0]["error"]
+    assert suite.SPECS["adamw_8bit"].max_leaves is not None
+    assert suite.SPECS["adamw_8bit_flat"].max_leaves is None
+
+
 def test_optimizer_step_donates_params_and_state():
     optax = pytest.importorskip("optax")
     params = trees.materialize(TINY, seed=0)

@@ -816,3 +816,57 @@ def test_quantized_second_moment_is_never_flushed_to_zero():
     nu = dequantize_blockwise(state.inner_state[0].nu)
     assert bool(jnp.all(nu > 0))
     assert float(jnp.max(jnp.abs(updates[1:]))) < 10.0
+
+
+# --------------------------------------------------------------------------------------------
+# many leaves: compile cost warning and the flattened composition
+
+
+def test_init_warns_when_many_arrays_would_be_quantized(monkeypatch):
+    import gradtx.quantization as q
+    monkeypatch.setattr(q, "_MANY_QUANTIZED_ARRAYS", 6)
+    tx = quantized_state(gradtx.adamw(1e-3))            # two quantized moments per big leaf
+    few = {f"w{i}": jnp.zeros((64, 64)) for i in range(2)}
+    many = {f"w{i}": jnp.zeros((64, 64)) for i in range(3)}
+    small = {f"w{i}": jnp.zeros((8, 8)) for i in range(40)}   # under min_size: not quantized
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tx.init(few)
+        tx.init(small)
+    with pytest.warns(UserWarning, match=r"6 state arrays are quantized one by one.*gradtx\.flatten"):
+        tx.init(many)
+    with warnings.catch_warnings():                      # the suggested fix silences it
+        warnings.simplefilter("error")
+        gradtx.flatten(tx).init(many)
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_flattened_quantized_state_is_quantized_state_of_the_concatenation(rounding):
+    # flatten(quantized_state(adamw)) keeps one quantized buffer per dtype and computes exactly
+    # what quantized_state(adamw) computes on the concatenated parameters
+    keys = jax.random.split(jax.random.key(3), 8)
+    shapes = [(64, 64), (300,), (32, 130), (4096,)]
+    params = {f"p{i}": jax.random.normal(k, s) for i, (k, s) in enumerate(zip(keys, shapes))}
+    inner = gradtx.adamw(1e-2, weight_decay=1e-2)
+    tx = gradtx.flatten(quantized_state(inner, rounding=rounding))
+    ref = quantized_state(inner, rounding=rounding)
+    leaves = jax.tree.leaves(params)
+    flat_p = {"float32": jnp.concatenate([x.ravel() for x in leaves])}
+    state, ref_state = tx.init(params), ref.init(flat_p)
+    mu = state.inner_state.inner_state[0].mu["float32"]
+    assert isinstance(mu, QuantizedArray) and mu.shape == (sum(x.size for x in leaves),)
+    step = jax.jit(tx.update)
+    ref_step = jax.jit(ref.update)
+    for t in range(3):
+        grads = jax.tree.map(lambda p: jnp.sin(p * (3.0 + t)), params)
+        flat_g = {"float32": jnp.concatenate([x.ravel() for x in jax.tree.leaves(grads)])}
+        u, state = step(grads, state, params)
+        u_ref, ref_state = ref_step(flat_g, ref_state, flat_p)
+        got = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(u)])
+        np.testing.assert_allclose(got, np.asarray(u_ref["float32"]), rtol=1e-6, atol=1e-9)
+        params = gradtx.apply_updates(params, u)
+        flat_p = gradtx.apply_updates(flat_p, u_ref)
+    codes = state.inner_state.inner_state[0].nu["float32"].codes
+    ref_codes = ref_state.inner_state[0].nu["float32"].codes
+    assert np.mean(np.asarray(codes) != np.asarray(ref_codes)) < 1e-3
