@@ -266,3 +266,37 @@ def test_compiled_step_is_structurally_smaller():
     # state parameters of the entry computation: O(#leaves) vs O(1)
     entry = lambda text: text.split("ENTRY")[1].split("\n}")[0]  # noqa: E731
     assert entry(flat).count("parameter(") <= 2 * n + 10 < entry(plain).count("parameter(")
+
+
+@pytest.mark.parametrize("opt", ["sgd_nesterov", "adamw", "lion", "adabelief"])
+def test_elementwise_optimizer_on_raveled_params_matches_the_tree(opt):
+    # docs/performance.md, "Many leaves: keep the parameters flat": the parameters live as one
+    # ravel_pytree buffer, the loss unravels them inside the donated jitted step, and the
+    # optimizer sees one gradient buffer; the trained parameters equal the tree path's
+    from jax.flatten_util import ravel_pytree
+    params = _tree(jax.random.key(11), DTYPES["f32"])
+    x = jnp.linspace(-1.0, 1.0, 7)
+
+    def loss(p):
+        return sum(jnp.sum(jnp.tanh(leaf * x[: leaf.size].sum() + 0.3) ** 2)
+                   for leaf in jax.tree.leaves(p))
+
+    def train(params, loss, steps=4):
+        tx = OPTIMIZERS[opt]()
+
+        @functools.partial(jax.jit, donate_argnums=(0, 1))
+        def step(p, s):
+            updates, s = tx.update(jax.grad(loss)(p), s, p)
+            return gradtx.apply_updates(p, updates), s
+        state = tx.init(params)
+        for _ in range(steps):
+            params, state = step(params, state)
+        return params, state
+
+    flat, unravel = ravel_pytree(params)
+    flat_out, flat_state = train(jnp.array(flat), lambda f: loss(unravel(f)))
+    tree_out, _ = train(jax.tree.map(jnp.array, params), loss)
+    assert flat_out.shape == flat.shape
+    assert all(leaf.ndim <= 1 for leaf in jax.tree.leaves(flat_state))   # no per-leaf state
+    _close(unravel(flat_out), tree_out)
+    assert not np.allclose(np.asarray(flat_out), np.asarray(flat))        # it trained
