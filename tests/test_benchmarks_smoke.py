@@ -127,3 +127,30 @@ def test_optimizer_step_donates_params_and_state():
     assert not any(x.is_deleted() for x in jax.tree.leaves(params))  # caller's tree untouched
     t = timing.measure([c], warmup=0, reps=3)["o"]
     assert t.n == 3 and 0 < t.min_s <= t.median_s <= t.max_s
+
+
+def test_flat_params_benchmark_rows_and_layouts_train_the_same():
+    import gradtx
+    from benchmarks import flat_params
+    libraries = {"gradtx": (lambda: gradtx.adamw(1e-3, weight_decay=1e-4),
+                            gradtx.apply_updates)}
+    rows = flat_params.rows_for(4, libraries, reps=2, log=lambda *a: None)
+    assert [r["candidate"] for r in rows] == ["gradtx tree", "gradtx flat"]
+    assert all(r["ms"] > 0 and r["compile_s"] > 0 and r["ref"] == "gradtx tree" for r in rows)
+    assert rows[0]["ratio"] == 1.0
+    text = flat_params.markdown(rows, "cmd", 1.0, None, None)
+    assert "| 4 | gradtx flat |" in text
+    # the two layouts run the same training step: same parameters after a few steps
+    from jax.flatten_util import ravel_pytree
+    params, loss = flat_params.problem(4)
+    flat, unravel = ravel_pytree(params)
+    tx = gradtx.adamw(1e-2)
+    tree_step = jax.jit(flat_params.train_step(tx, gradtx.apply_updates, loss))
+    flat_step = jax.jit(flat_params.train_step(tx, gradtx.apply_updates,
+                                               lambda f: loss(unravel(f))))
+    p, s, f, fs = params, tx.init(params), flat, tx.init(flat)
+    for _ in range(3):
+        p, s = tree_step(p, s)
+        f, fs = flat_step(f, fs)
+    np.testing.assert_allclose(np.asarray(ravel_pytree(p)[0]), np.asarray(f), rtol=1e-6, atol=1e-7)
+    assert not np.allclose(np.asarray(f), np.asarray(flat))
