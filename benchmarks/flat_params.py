@@ -139,11 +139,7 @@ def main(argv=None) -> int:
         log(f"== {n} leaves of 64x64")
         rows += rows_for(n, libraries, reps, log)
     text = markdown(rows, command, time.perf_counter() - t0, load_before, report.load_average())
-    print(text)
-    if args.write:
-        with open(args.write, "w") as f:
-            f.write(text)
-        log(f"wrote {args.write}")
+    report.publish(text, args.write, log)
     return 0
 
 

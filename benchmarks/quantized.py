@@ -283,11 +283,7 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - t0
     text = markdown(rows, speed, side * side, command, elapsed, load_before,
                     report.load_average(), {"digits": digits_steps, "char LM": lm_steps})
-    print(text)
-    if args.write:
-        with open(args.write, "w") as f:
-            f.write(text)
-        log(f"wrote {args.write}")
+    report.publish(text, args.write, log)
     return 0
 
 

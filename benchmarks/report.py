@@ -169,3 +169,12 @@ def machine_lines(info: dict, command: str, load_before, load_after, elapsed_s: 
         else "- GLIBC_TUNABLES: none",
         f"- Load average (1, 5, 15 min) before: {load_before}, after: {load_after}",
     ])
+
+
+def publish(text: str, path: str | None, log) -> None:
+    """Print a study's Markdown report, and write it to ``path`` when one is given."""
+    print(text)
+    if path:
+        with open(path, "w") as f:
+            f.write(text)
+        log(f"wrote {path}")
