@@ -151,9 +151,10 @@ class flatten(Transform):
     ``flatten(inner)`` has the math of ``inner`` -- for elementwise transforms the same operations
     on the same values (bit-identical op by op, within the last bit under ``jit``) -- but its state
     holds one array per dtype (per moment) instead of one per parameter leaf: a third of the
-    fusions and no per-leaf state. Measured on a 2-core CPU (AdamW, 64×64 leaves): the donated step
-    is 0.65× Optax's at 1,000 leaves but 1.4× at 3,000, and compilation is *slower* than the plain
-    path from about 300 leaves on (XLA's CPU compiler is slow on many-operand concatenates and
+    fusions and no per-leaf state. Measured on a 2-core CPU (AdamW, 64×64 leaves,
+    ``benchmarks/RESULTS-leaves-8bit.md``): the donated step is 16.7 ms against the plain path's
+    21.6 ms at 1,000 leaves but 108 against 93 ms at 3,000, and compilation is *slower* than the
+    plain path from about 300 leaves on (XLA's CPU compiler is slow on many-operand concatenates and
     slices), so measure before adopting it for compile time.
     ``inner`` must be elementwise (see :mod:`gradtx.fastpath`): per-leaf-norm transforms (LAMB,
     LARS, Adafactor, block-RMS clipping, AGC) and tree masks/labels inside ``inner`` raise
