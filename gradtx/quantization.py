@@ -756,7 +756,7 @@ class quantized_state(Transform):
             warnings.warn(
                 f"quantized_state: {n_quantized} state arrays are quantized one by one; XLA "
                 f"compiles each separately (on CPU ~0.07-0.14 s and ~7-12 MB of compiler memory "
-                f"per array, so about {n_quantized * 0.14 / 60:.0f} min and "
+                f"per array, so up to about {n_quantized * 0.14 / 60:.0f} min and "
                 f"{n_quantized * 12 / 1024:.0f} GB for this step). For an elementwise inner "
                 f"optimizer (Adam, AdamW, Lion, SGD momentum) wrap the whole thing in "
                 f"gradtx.flatten(...), which quantizes one buffer per dtype, or raise "
