@@ -258,8 +258,11 @@ class QuantizedArray:
         return obj
 
     def __repr__(self) -> str:
+        # the children may be anything after a tree map (shapes, dtypes, None): never fail here
+        codes_shape = getattr(self.codes, "shape", None)
+        block = codes_shape[-1] if isinstance(codes_shape, tuple) and codes_shape else "?"
         return (f"QuantizedArray(shape={self.shape}, dtype={self.dtype}, signed={self.signed}, "
-                f"block_size={np.shape(self.codes)[-1] if self.codes is not None else '?'})")
+                f"block_size={block})")
 
 
 _ROUNDINGS = ("nearest", "stochastic")

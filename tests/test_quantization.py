@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -870,3 +872,35 @@ def test_flattened_quantized_state_is_quantized_state_of_the_concatenation(round
     codes = state.inner_state.inner_state[0].nu["float32"].codes
     ref_codes = ref_state.inner_state[0].nu["float32"].codes
     assert np.mean(np.asarray(codes) != np.asarray(ref_codes)) < 1e-3
+
+
+def test_flattened_quantized_state_keeps_the_transform_contract():
+    # hashable and equal by value, eval_shape matches init, one trace over many donated steps
+    make = lambda: gradtx.flatten(quantized_state(gradtx.adamw(1e-3), min_size=64))  # noqa: E731
+    tx = make()
+    assert tx == make() and hash(tx) == hash(make())
+    assert repr(tx) == ("flatten(quantized_state(inner=" + repr(gradtx.adamw(1e-3))
+                        + ", min_size=64))")
+    params = {"a": jnp.ones((8, 40)), "b": [jnp.zeros(30), jnp.full((5, 9), 0.5, jnp.float32)]}
+    state = tx.init(params)
+    abstract = jax.eval_shape(tx.init, params)
+    # a repr that survives a tree map over the state (children that are not arrays)
+    shapes = jax.tree.map(lambda x: x.shape, state)
+    assert "QuantizedArray(shape=(395,), dtype=float32, signed=True, block_size=?)" in repr(shapes)
+    assert jax.tree.structure(abstract) == jax.tree.structure(state)
+    assert [(a.shape, a.dtype) for a in jax.tree.leaves(abstract)] == \
+        [(a.shape, a.dtype) for a in jax.tree.leaves(state)]
+    traces = []
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(p, s, g):
+        traces.append(1)
+        u, s = tx.update(g, s, p)
+        return gradtx.apply_updates(p, u), s
+
+    p = jax.tree.map(jnp.array, params)
+    for t in range(3):
+        g = jax.tree.map(lambda x, t=t: jnp.cos(x + t), params)
+        p, state = step(p, state, g)
+    assert len(traces) == 1
+    assert jax.tree.structure(state) == jax.tree.structure(abstract)
