@@ -645,7 +645,8 @@ class quantized_state(Transform):
     Adam's two moments ≈ 2.03 bytes per parameter instead of 8 (0.254×).
 
     **Many leaves.** XLA compiles the quantisation of every quantized array separately (on CPU
-    ~0.1 s and ~10 MB of compiler memory each; 1,000 leaves of 64×64 exhausted 24 GB), so
+    ~0.04–0.07 s and ~4–6 MB of compiler memory each at 200 arrays, more per array beyond: the
+    2,000 arrays of AdamW over 1,000 leaves of 64×64 exhausted 24 GB), so
     ``init`` warns from 1,000 quantized arrays on. With an elementwise inner optimizer, use
     ``gradtx.flatten(quantized_state(inner))``: one quantized buffer per dtype, the same
     arithmetic as ``quantized_state`` on the concatenated parameters (blocks may then span leaf
@@ -758,9 +759,10 @@ class quantized_state(Transform):
         if n_quantized >= _MANY_QUANTIZED_ARRAYS:
             warnings.warn(
                 f"quantized_state: {n_quantized} state arrays are quantized one by one; XLA "
-                f"compiles each separately (on CPU ~0.07-0.14 s and ~7-12 MB of compiler memory "
-                f"per array, so up to about {n_quantized * 0.14 / 60:.0f} min and "
-                f"{n_quantized * 12 / 1024:.0f} GB for this step). For an elementwise inner "
+                f"compiles each separately (on CPU ~0.04-0.07 s and ~4-6 MB of compiler memory "
+                f"per array at 200 arrays and more per array beyond, so about "
+                f"{n_quantized * 0.07 / 60:.0f} min and {n_quantized * 6 / 1024:.0f} GB for this "
+                f"step). For an elementwise inner "
                 f"optimizer (Adam, AdamW, Lion, SGD momentum) wrap the whole thing in "
                 f"gradtx.flatten(...), which quantizes one buffer per dtype, or raise "
                 f"min_size={self.min_size} to keep small leaves in float32. See "
