@@ -29,3 +29,21 @@ def array_copies(hlo_text: str) -> list[str]:
     ignored."""
     return [line.strip() for line in hlo_text.splitlines()
             if re.search(r"=\s*\S+\s+copy\(", line) and not re.search(r"=\s*\w+\[\]", line)]
+
+
+def full_size_temporaries(hlo_text: str, shape: tuple, dtype: str = "f32") -> list[str]:
+    """Instructions of the optimized entry computation that write a fresh ``dtype[shape]`` array
+    which is *not* one of the program's outputs: the parameter-sized temporaries of a step
+    (outputs -- new params and state, updated in place when donated -- are not counted)."""
+    entry = hlo_text[hlo_text.index("ENTRY"):]
+    lines = entry.splitlines()
+    root = next(line for line in lines if line.strip().startswith("ROOT"))
+    outputs = set(re.findall(r"%([\w.-]+)", root.split("=", 1)[1]))
+    sig = f"{dtype}[{','.join(map(str, shape))}]"
+    found = []
+    for line in lines:
+        m = re.match(r"\s*(?:ROOT )?%([\w.-]+) = (\S+) ([\w-]+)\(", line)
+        if (m and m.group(2).startswith(sig + "{") and m.group(1) not in outputs
+                and m.group(3) not in ("parameter", "bitcast", "get-tuple-element")):
+            found.append(line.strip())
+    return found
