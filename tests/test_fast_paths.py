@@ -190,3 +190,17 @@ def test_bfloat16_adafactor_step_materialises_no_statistic_or_direction(name):
     temps = full_size_temporaries(text, shape) + full_size_temporaries(text, shape, "bf16")
     computed = [t for t in temps if "calls=%wrapped_convert" not in t]
     assert computed == [], "computed parameter-sized temporaries:\n" + "\n".join(computed)
+
+
+@pytest.mark.parametrize("make", [lambda: gradtx.adadelta(1.0), gradtx.scale_by_adadelta],
+                         ids=["adadelta", "scale_by_adadelta"])
+def test_adadelta_step_keeps_one_temporary(make):
+    # The update needs sqrt(x + eps) of the *old* x, which the step overwrites in place: one
+    # parameter-sized temporary (or a copy of x) is unavoidable. The step Δ that updates x is
+    # recomputed in x's own loop instead of being materialised as a second one (~71 -> ~55 ms
+    # on a 16M-element leaf).
+    shape = (136, 200)
+    text = _donated_step_text(make(), shape)
+    temps = full_size_temporaries(text, shape)
+    assert len(temps) == 1 and "sqrt" in temps[0], "\n".join(temps)
+    assert array_copies(text) == []

@@ -21,7 +21,8 @@ import numpy as np
 
 from gradtx import numerics
 from gradtx.base import EmptyState, Transform, hyperparameter, option, transform
-from gradtx.transforms.adaptive import _compute, _divide, _load, _Hypers, _real_dtype
+from gradtx.transforms.adaptive import (_compute, _divide, _load, _Hypers, _real_dtype,
+                                        _recomputed)
 from gradtx.tree import TreeMismatchError, map_leaves
 
 __all__ = ["scale_by_factored_rms", "scale_by_param_block_rms", "ScaleByFactoredRmsState"]
@@ -62,21 +63,6 @@ def _factored_axes(shape: tuple, factored: bool, min_dim: int):
 
 def _empty(dtype) -> jax.Array:
     return jnp.zeros((), dtype)
-
-
-def _recomputed(x):
-    """``x`` itself, hidden from XLA's common-subexpression elimination.
-
-    When one parameter-sized expression (``G² + ε₁``, the direction ``G/√V̂``) feeds both a
-    reduction and another loop, XLA's CPU backend computes it once into a fresh parameter-sized
-    buffer (a 64 MiB temporary for a 4096×4096 leaf, paid again in page faults on every step) and
-    reads it back twice. Building a use from barrier-wrapped *inputs* -- arrays that exist anyway,
-    and the scalars the expression broadcasts, whose parameter-sized broadcast XLA would otherwise
-    also share and materialise -- gives an independent expression, fused into its own loop: same
-    values, one more read of ``G``, no temporary. XLA merges two barriers over the same operands,
-    so each call site wraps a different tuple. This halved Adafactor's step on a 16M-element leaf.
-    """
-    return jax.lax.optimization_barrier(x)
 
 
 def _sq_plus(g, eps):
