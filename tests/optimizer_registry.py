@@ -8,7 +8,9 @@ test, add an :class:`Entry` with
 * ``kwargs``: arguments tuned so that it converges on both test problems within their budgets;
 * ``explicit``: a factory taking the same ``kwargs`` and returning the explicit chain of public
   primitives that the alias's docstring names (``alias(**kw) == explicit(**kw)`` by value);
-* capability flags (``needs_params``, ``supports_bf16_convergence``, ``sign_based``, ``factored``);
+* capability flags (``needs_params``, ``supports_bf16_convergence``, ``sign_based``, ``factored``)
+  and ``cpu_step_temporaries`` (parameter-sized buffers its compiled CPU step may write besides
+  the outputs; 0 unless the math forces one);
 * ``budgets``: per problem, the step budget, the float32 tolerance, the bfloat16 tolerance (``None``
   when not expected to converge in bfloat16) and per-problem overrides of ``kwargs``.
 
@@ -131,6 +133,10 @@ class Entry:
     supports_bf16_convergence: bool = True
     sign_based: bool = False
     factored: bool = False
+    # Parameter-sized buffers, other than the outputs, that XLA's CPU backend writes in the donated
+    # step of one matrix leaf (temporaries and copies; each costs a pass and fresh-page faults).
+    # Nonzero only where the math forces it; the reason is given at the entry.
+    cpu_step_temporaries: int = 0
 
     def config(self, problem: str | None = None) -> dict:
         kw = dict(self.kwargs)
@@ -188,7 +194,8 @@ ENTRIES: list[Entry] = [
         lambda learning_rate, rho: g.chain(g.scale_by_adadelta(rho=rho),
                                            g.scale_by_learning_rate(learning_rate)),
         {"quadratic": _b(3000, 1e-3, 0.05),
-         "rosenbrock": _b(5000, 1e-2, None, learning_rate=ExponentialDecay(1.0, 0.9995))}),
+         "rosenbrock": _b(5000, 1e-2, None, learning_rate=ExponentialDecay(1.0, 0.9995))},
+        cpu_step_temporaries=1),   # √(x + ε) of the old x, which the step overwrites
     Entry(
         "rmsprop", g.rmsprop, dict(learning_rate=ExponentialDecay(0.01, 0.999)),
         lambda learning_rate: g.chain(g.scale_by_rms(decay=0.9, eps_in_sqrt=True),
@@ -247,7 +254,8 @@ ENTRIES: list[Entry] = [
             g.scale_by_adam(eps=1e-6), g.add_decoupled_weight_decay(weight_decay),
             g.scale_by_trust_ratio(), g.scale_by_learning_rate(learning_rate)),
         {"quadratic": _b(3000, 2e-3, 0.05), "rosenbrock": _b(3000, 5e-3, 0.05)},
-        needs_params=True),
+        needs_params=True,
+        cpu_step_temporaries=1),   # the direction: ‖u‖ (trust ratio) and p' read it
     Entry(
         "lars", g.lars, dict(learning_rate=ExponentialDecay(1.0, 0.998), trust_coefficient=0.01),
         lambda learning_rate, trust_coefficient: g.chain(
@@ -261,7 +269,8 @@ ENTRIES: list[Entry] = [
             g.scale_by_lion(), g.add_decoupled_weight_decay(weight_decay),
             g.scale_by_learning_rate(learning_rate)),
         {"quadratic": _b(3000, 2e-3, 0.05), "rosenbrock": _b(3000, 5e-3, 0.1)},
-        needs_params=True, sign_based=True),
+        needs_params=True, sign_based=True,
+        cpu_step_temporaries=1),   # copy of m: p' reads the old m (gradtx.compiler_options())
     Entry(
         "sign_sgd", g.sign_sgd, dict(learning_rate=ExponentialDecay(0.01, 0.999)),
         lambda learning_rate: g.chain(g.scale_by_sign(), g.scale_by_learning_rate(learning_rate)),
@@ -336,7 +345,8 @@ ENTRIES += [
         {"quadratic": _b(2000, 2e-3, 0.1, learning_rate=ExponentialDecay(0.1, 0.997),
                          vector_learning_rate=ExponentialDecay(0.1, 0.998)),
          "rosenbrock": _b(3000, 2e-3, 0.05, vector_learning_rate=ExponentialDecay(0.1, 0.999))},
-        needs_params=True),
+        needs_params=True,
+        cpu_step_temporaries=1),   # LAMB's direction on the matrix
     Entry(
         "named_masked_momentum", masked_decay_momentum, dict(learning_rate=0.05, weight_decay=1e-5),
         masked_decay_momentum,

@@ -377,3 +377,27 @@ def test_factored_state_is_sublinear(entry):
     assert size < 64 * 32 // 4, f"{entry.name} keeps {size} state numbers for 2048 parameters"
     updates, _ = tx.update({"big": jnp.full((64, 32), 0.5, jnp.float32)}, state, params)
     assert updates["big"].shape == (64, 32) and bool(jnp.all(jnp.isfinite(updates["big"])))
+
+
+@by_entry
+def test_donated_cpu_step_writes_only_the_expected_temporaries(entry):
+    # A structural property of the compiled step, not a timing: the parameter-sized buffers it
+    # writes besides the new params and state (temporaries, copies of donated state). Every one
+    # costs a pass over the leaf and, on CPU, fresh-page faults; a change that adds one fails here.
+    if jax.default_backend() != "cpu":
+        pytest.skip("the expected counts describe XLA's CPU backend")
+    from exact_checks import full_size_temporaries
+
+    shape = (136, 200)   # a matrix both of whose dimensions Adafactor factors
+    params = {"w": 0.02 * jax.random.normal(jax.random.PRNGKey(0), shape)}
+    grads = {"w": 0.01 * jax.random.normal(jax.random.PRNGKey(1), shape)}
+    tx = entry.make()
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return gradtx.apply_updates(p, u), s
+
+    text = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), grads) \
+        .compile().as_text()
+    found = full_size_temporaries(text, shape)
+    assert len(found) == entry.cpu_step_temporaries, "\n".join(found)
