@@ -51,6 +51,21 @@ def _assert_bit_identical(a, b):
         np.testing.assert_array_equal(_bits(x)[~nan], _bits(y)[~nan])
 
 
+def _assert_steps_bit_identical(tx, fast, ref, dtype):
+    """Six steps of ``fast`` and ``ref`` from ``tx.init``, over gradients from 1e-3 to 1e2 in scale
+    (one with a NaN and an inf): updates and states bit-identical after every step."""
+    params = _tree(jax.random.PRNGKey(0), dtype)
+    state_f = state_r = tx.init(params)
+    for i in range(6):
+        g = _tree(jax.random.PRNGKey(i + 1), dtype, scale=10.0 ** (i - 3))
+        if i == 4:   # non-finite gradients propagate identically
+            g["w"] = g["w"].at[0, 0].set(jnp.nan).at[1, 1].set(jnp.inf)
+        u_f, state_f = fast(g, state_f)
+        u_r, state_r = ref(g, state_r)
+        _assert_bit_identical(u_f, u_r)
+        _assert_bit_identical(state_f, state_r)
+
+
 def _belief_reference(b1, b2, eps, eps_root):
     """AdaBelief exactly as documented, with the scalar ``eps_root`` added the plain way."""
 
@@ -83,16 +98,7 @@ def test_belief_bit_identical_to_reference(dtype, hypers):
     full = dict(b1=0.9, b2=0.999, eps=1e-16, eps_root=1e-16) | hypers
     ref = jax.jit(_belief_reference(**full))
     fast = jax.jit(tx.update)
-    params = _tree(jax.random.PRNGKey(0), dtype)
-    state_f = state_r = tx.init(params)
-    for i in range(6):
-        g = _tree(jax.random.PRNGKey(i + 1), dtype, scale=10.0 ** (i - 3))
-        if i == 4:   # non-finite gradients propagate identically
-            g["w"] = g["w"].at[0, 0].set(jnp.nan).at[1, 1].set(jnp.inf)
-        u_f, state_f = fast(g, state_f)
-        u_r, state_r = ref(g, state_r)
-        _assert_bit_identical(u_f, u_r)
-        _assert_bit_identical(state_f, state_r)
+    _assert_steps_bit_identical(tx, fast, ref, dtype)
 
 
 def _compiled_step_text(tx, dtype=jnp.float32):
@@ -204,3 +210,33 @@ def test_adadelta_step_keeps_one_temporary(make):
     temps = full_size_temporaries(text, shape)
     assert len(temps) == 1 and "sqrt" in temps[0], "\n".join(temps)
     assert array_copies(text) == []
+
+
+def _adadelta_reference(rho, eps):
+    """Adadelta exactly as documented, each quantity computed once, the plain way."""
+
+    def step(grads, state):
+        def one(g, eg, ex):
+            gc = g.astype(jnp.float32)
+            r, e = numerics.hyper(rho), numerics.hyper(eps)
+            eg_new = r * eg.astype(jnp.float32) + (1 - r) * (gc * gc)
+            delta = gc * (jnp.sqrt(ex.astype(jnp.float32) + e) / jnp.sqrt(eg_new + e))
+            ex_new = r * ex.astype(jnp.float32) + (1 - r) * (delta * delta)
+            return delta.astype(g.dtype), eg_new.astype(eg.dtype), ex_new.astype(ex.dtype)
+
+        out = jax.tree.map(one, grads, state.e_g, state.e_x)
+        pick = lambda i: jax.tree.map(lambda _, r: r[i], grads, out)  # noqa: E731
+        return pick(0), gradtx.ScaleByAdadeltaState(pick(1), pick(2))
+
+    return step
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("hypers", [dict(), dict(rho=0.5, eps=1e-3)])
+def test_adadelta_bit_identical_to_reference(dtype, hypers):
+    # the recomputed step (test_adadelta_step_keeps_one_temporary) changes where XLA evaluates
+    # Δ, not its value
+    tx = gradtx.scale_by_adadelta(**hypers)
+    ref = jax.jit(_adadelta_reference(**(dict(rho=0.9, eps=1e-6) | hypers)))
+    fast = jax.jit(tx.update)
+    _assert_steps_bit_identical(tx, fast, ref, dtype)
