@@ -214,7 +214,9 @@ class scale_by_factored_rms(Transform):
                     gc = _compute(g)[0]
                     return gc * (row_factor * col_factor).astype(gc.dtype)
                 inputs = (g, row_factor, col_factor)
-            u = direction(*inputs)
+            # Each use of G gets its own expression (a different barrier tuple per use): with
+            # bfloat16 leaves a shared float32 conversion of G would be materialised otherwise.
+            u = direction(*_recomputed(inputs[:2]), *inputs[2:])
             if self.clipping_threshold is not None and g.size > 0:
                 d = h("clipping_threshold", rd)
                 rms = _rms(direction(*_recomputed(inputs)))
@@ -263,7 +265,7 @@ class scale_by_param_block_rms(Transform):
             if u.size == 0:
                 return u
             uc, _, rd = _compute(u)
-            pc = numerics.as_compute(p)
+            pc = numerics.as_compute(_recomputed(p))
             scale = jnp.maximum(_rms(pc).astype(rd), h("min_scale", rd))
             return (uc * scale.astype(uc.dtype)).astype(u.dtype)
 
