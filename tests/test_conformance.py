@@ -379,6 +379,21 @@ def test_factored_state_is_sublinear(entry):
     assert updates["big"].shape == (64, 32) and bool(jnp.all(jnp.isfinite(updates["big"])))
 
 
+def _compiled_donated_step(tx, shape, dtype):
+    params = {"w": (0.02 * jax.random.normal(jax.random.PRNGKey(0), shape)).astype(dtype)}
+    grads = {"w": (0.01 * jax.random.normal(jax.random.PRNGKey(1), shape)).astype(dtype)}
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return gradtx.apply_updates(p, u), s
+
+    return jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), grads) \
+        .compile().as_text()
+
+
+_MATRIX = (136, 200)   # a matrix both of whose dimensions Adafactor factors
+
+
 @by_entry
 def test_donated_cpu_step_writes_only_the_expected_temporaries(entry):
     # A structural property of the compiled step, not a timing: the parameter-sized buffers it
@@ -388,16 +403,21 @@ def test_donated_cpu_step_writes_only_the_expected_temporaries(entry):
         pytest.skip("the expected counts describe XLA's CPU backend")
     from exact_checks import full_size_temporaries
 
-    shape = (136, 200)   # a matrix both of whose dimensions Adafactor factors
-    params = {"w": 0.02 * jax.random.normal(jax.random.PRNGKey(0), shape)}
-    grads = {"w": 0.01 * jax.random.normal(jax.random.PRNGKey(1), shape)}
-    tx = entry.make()
-
-    def step(p, s, g):
-        u, s = tx.update(g, s, p)
-        return gradtx.apply_updates(p, u), s
-
-    text = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), grads) \
-        .compile().as_text()
-    found = full_size_temporaries(text, shape)
+    text = _compiled_donated_step(entry.make(), _MATRIX, jnp.float32)
+    found = full_size_temporaries(text, _MATRIX)
     assert len(found) == entry.cpu_step_temporaries, "\n".join(found)
+
+
+@by_entry
+def test_bfloat16_cpu_step_writes_no_float32_conversion(entry):
+    # With bfloat16 parameters every use of a gradient or parameter converts it to float32 in
+    # its own loop: a conversion shared by a reduction and another loop would be materialised as
+    # a float32 array, twice the leaf's bytes. Only the float32 temporaries the math forces remain.
+    # (bfloat16 copies of donated moments are a different matter: gradtx.compiler_options().)
+    if jax.default_backend() != "cpu":
+        pytest.skip("the expected counts describe XLA's CPU backend")
+    from exact_checks import full_size_temporaries
+
+    text = _compiled_donated_step(entry.make(), _MATRIX, jnp.bfloat16)
+    found = full_size_temporaries(text, _MATRIX, "f32")
+    assert len(found) <= entry.cpu_step_temporaries, "\n".join(found)

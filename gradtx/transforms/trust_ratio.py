@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from gradtx import _validate, numerics
 from gradtx.base import EmptyState, Transform, hyperparameter, option, transform
+from gradtx.transforms.adaptive import _recomputed
 from gradtx.tree import leaf_norm, map_leaves
 
 
@@ -105,14 +106,19 @@ class scale_by_trust_ratio(Transform):
 
         def one(u, p):
             ct = numerics.compute_dtype(u.dtype)
-            u_c, p_c = numerics.as_compute(u), p.astype(ct)
+            u_c = numerics.as_compute(u)
             rt = jnp.float64 if ct == jnp.float64 else jnp.float32
             cast = lambda x: x.astype(rt)  # noqa: E731
-            p_norm = jnp.maximum(cast(leaf_norm(p_c)), cast(min_norm))
+            # Each norm reads its arrays on its own (a different barrier tuple per use): with
+            # bfloat16 leaves a float32 conversion of u or p shared with another loop (the
+            # parameter update) would be materialised.
+            p_norm = jnp.maximum(cast(leaf_norm(_recomputed(p).astype(ct))), cast(min_norm))
             if self.form == "lamb":
-                denom_norm = jnp.maximum(cast(leaf_norm(u_c)), cast(min_norm))
+                u_own = numerics.as_compute(_recomputed(u))
+                denom_norm = jnp.maximum(cast(leaf_norm(u_own)), cast(min_norm))
             else:
-                g_c = u_c - cast(wd).astype(ct) * p_c
+                u_own, p_own = _recomputed((u, p))
+                g_c = numerics.as_compute(u_own) - cast(wd).astype(ct) * p_own.astype(ct)
                 g_norm = jnp.maximum(cast(leaf_norm(g_c)), cast(min_norm))
                 denom_norm = g_norm + cast(wd) * p_norm
             degenerate = (p_norm == 0) | (denom_norm == 0)
