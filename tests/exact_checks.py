@@ -47,3 +47,19 @@ def full_size_temporaries(hlo_text: str, shape: tuple, dtype: str = "f32") -> li
                 and m.group(3) not in ("parameter", "bitcast", "get-tuple-element")):
             found.append(line.strip())
     return found
+
+
+def donated_step_text(tx, shape: tuple, dtype=np.float32) -> str:
+    """Optimized HLO of ``tx``'s jitted training step (``update`` + ``apply_updates``, params and
+    state donated) on one leaf ``{"w": shape}`` of ``dtype``."""
+    import gradtx
+
+    params = {"w": (0.02 * jax.random.normal(jax.random.PRNGKey(0), shape)).astype(dtype)}
+    grads = {"w": (0.01 * jax.random.normal(jax.random.PRNGKey(1), shape)).astype(dtype)}
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return gradtx.apply_updates(p, u), s
+
+    return jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), grads) \
+        .compile().as_text()

@@ -19,6 +19,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import gradtx  # noqa: E402
+from exact_checks import donated_step_text, full_size_temporaries  # noqa: E402
 from optimizer_registry import ENTRIES, ENTRY_IDS, PROBLEMS, REPR_NAMESPACE  # noqa: E402
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -379,18 +380,6 @@ def test_factored_state_is_sublinear(entry):
     assert updates["big"].shape == (64, 32) and bool(jnp.all(jnp.isfinite(updates["big"])))
 
 
-def _compiled_donated_step(tx, shape, dtype):
-    params = {"w": (0.02 * jax.random.normal(jax.random.PRNGKey(0), shape)).astype(dtype)}
-    grads = {"w": (0.01 * jax.random.normal(jax.random.PRNGKey(1), shape)).astype(dtype)}
-
-    def step(p, s, g):
-        u, s = tx.update(g, s, p)
-        return gradtx.apply_updates(p, u), s
-
-    return jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), grads) \
-        .compile().as_text()
-
-
 _MATRIX = (136, 200)   # a matrix both of whose dimensions Adafactor factors
 
 
@@ -401,9 +390,7 @@ def test_donated_cpu_step_writes_only_the_expected_temporaries(entry):
     # costs a pass over the leaf and, on CPU, fresh-page faults; a change that adds one fails here.
     if jax.default_backend() != "cpu":
         pytest.skip("the expected counts describe XLA's CPU backend")
-    from exact_checks import full_size_temporaries
-
-    text = _compiled_donated_step(entry.make(), _MATRIX, jnp.float32)
+    text = donated_step_text(entry.make(), _MATRIX, jnp.float32)
     found = full_size_temporaries(text, _MATRIX)
     assert len(found) == entry.cpu_step_temporaries, "\n".join(found)
 
@@ -416,8 +403,6 @@ def test_bfloat16_cpu_step_writes_no_float32_conversion(entry):
     # (bfloat16 copies of donated moments are a different matter: gradtx.compiler_options().)
     if jax.default_backend() != "cpu":
         pytest.skip("the expected counts describe XLA's CPU backend")
-    from exact_checks import full_size_temporaries
-
-    text = _compiled_donated_step(entry.make(), _MATRIX, jnp.bfloat16)
+    text = donated_step_text(entry.make(), _MATRIX, jnp.bfloat16)
     found = full_size_temporaries(text, _MATRIX, "f32")
     assert len(found) <= entry.cpu_step_temporaries, "\n".join(found)

@@ -24,7 +24,7 @@ import gradtx
 from gradtx import numerics
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from exact_checks import array_copies, full_size_temporaries  # noqa: E402
+from exact_checks import array_copies, donated_step_text, full_size_temporaries  # noqa: E402
 
 SHAPES = {"w": (33, 17), "b": (17,), "k": (3, 4, 5), "s": ()}
 
@@ -137,18 +137,6 @@ def test_donated_step_updates_state_in_place(make):
     assert copies == [], "the compiled step copies donated state buffers:\n" + "\n".join(copies)
 
 
-def _donated_step_text(tx, shape, dtype=jnp.float32):
-    params = {"w": (0.02 * jax.random.normal(jax.random.PRNGKey(0), shape)).astype(dtype)}
-    grads = {"w": (0.01 * jax.random.normal(jax.random.PRNGKey(1), shape)).astype(dtype)}
-
-    def step(p, s, g):
-        u, s = tx.update(g, s, p)
-        return gradtx.apply_updates(p, u), s
-
-    return jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), grads) \
-        .compile().as_text()
-
-
 def test_temporary_detector_sees_a_shared_producer():
     # the check below must be able to fail: XLA's CPU backend materialises an expression that
     # feeds two reductions (Adafactor's row and column means of G² + ε₁, written the plain way)
@@ -179,7 +167,7 @@ def test_adafactor_step_has_no_parameter_sized_temporary(name):
     # moment when unfactored). A temporary costs a write, a read and, on CPU, page faults
     # (Adafactor on a 16M-element leaf: ~50 -> ~25 ms when the two were removed).
     shape = (136, 200)   # both dimensions >= 128: factored by default
-    text = _donated_step_text(_ADAFACTORS[name](), shape)
+    text = donated_step_text(_ADAFACTORS[name](), shape)
     temps = full_size_temporaries(text, shape)
     assert temps == [], "parameter-sized temporaries in the compiled step:\n" + "\n".join(temps)
     assert array_copies(text) == []
@@ -192,7 +180,7 @@ def test_bfloat16_adafactor_step_has_no_parameter_sized_temporary(name):
     # bytes). (Unfactored, the float32 second moment the direction uses is stored rounded, so the
     # unrounded one is a temporary by construction; that case is not checked here.)
     shape = (136, 200)
-    text = _donated_step_text(_ADAFACTORS[name](), shape, jnp.bfloat16)
+    text = donated_step_text(_ADAFACTORS[name](), shape, jnp.bfloat16)
     temps = full_size_temporaries(text, shape) + full_size_temporaries(text, shape, "bf16")
     assert temps == [], "parameter-sized temporaries:\n" + "\n".join(temps)
 
@@ -205,7 +193,7 @@ def test_adadelta_step_keeps_one_temporary(make):
     # recomputed in x's own loop instead of being materialised as a second one (~71 -> ~55 ms
     # on a 16M-element leaf).
     shape = (136, 200)
-    text = _donated_step_text(make(), shape)
+    text = donated_step_text(make(), shape)
     temps = full_size_temporaries(text, shape)
     assert len(temps) == 1 and "sqrt" in temps[0], "\n".join(temps)
     assert array_copies(text) == []
