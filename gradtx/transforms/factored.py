@@ -186,6 +186,8 @@ class scale_by_factored_rms(Transform):
         beta = 1.0 - new_weight
 
         def one(g, row, col, full):
+            # Every parameter-sized use of G (row means, column means, clipping RMS, update)
+            # reads G in its own fused loop: see _recomputed. No temporary is materialised.
             rd = _compute(g)[2]
             axes = self._axes(tuple(g.shape))
             tiny = jnp.asarray(jnp.finfo(rd).tiny, rd)
