@@ -91,22 +91,6 @@ def _compute(g: jax.Array):
     return gc, gc.dtype, _real_dtype(gc.dtype)
 
 
-def _recomputed(x):
-    """``x`` itself, hidden from XLA's common-subexpression elimination.
-
-    When one parameter-sized expression (Adafactor's ``G² + ε₁`` and direction ``G/√V̂``,
-    Adadelta's ``Δ``) feeds both a reduction or state update and another loop, XLA's CPU backend
-    computes it once into a fresh parameter-sized buffer (a 64 MiB temporary for a 4096×4096 leaf,
-    paid again in page faults on every step) and reads it back twice. Building a use from
-    barrier-wrapped *inputs* -- arrays that exist anyway, and the scalars the expression
-    broadcasts, whose parameter-sized broadcast XLA would otherwise also share and materialise --
-    gives an independent expression, fused into its own loop: same values, one more read of the
-    inputs, no temporary. XLA merges two barriers over the same operands, so each call site wraps
-    a different tuple. This halved Adafactor's step on a 16M-element leaf.
-    """
-    return jax.lax.optimization_barrier(x)
-
-
 def _divide(num: jax.Array, den: jax.Array) -> jax.Array:
     """``num / den`` where ``den`` is real and ``num`` may be complex."""
     return num / den.astype(num.dtype)
@@ -368,7 +352,7 @@ class scale_by_adadelta(Transform):
                 gc = _compute(g)[0]
                 return gc * (root_x / jnp.sqrt(eg_new + eps)).astype(gc.dtype)
 
-            step = delta(*_recomputed((g, root_x, eg_new, eps)))
+            step = delta(*numerics.unshared((g, root_x, eg_new, eps)))
             ex_new = rho * _load(ex, rd) + (1 - rho) * numerics.abs_sq(step)
             return (delta(g, root_x, eg_new, eps).astype(g.dtype), eg_new.astype(eg.dtype),
                     ex_new.astype(ex.dtype))

@@ -11,7 +11,6 @@ import numpy as np
 
 from gradtx import numerics
 from gradtx.base import EmptyState, Transform, hyperparameter, option, transform
-from gradtx.transforms.adaptive import _recomputed
 from gradtx.tree import global_norm, keystr, map_leaves
 
 __all__ = ["clip", "clip_by_global_norm", "clip_by_block_rms", "adaptive_grad_clip"]
@@ -99,9 +98,9 @@ class clip_by_global_norm(Transform):
 
     def update(self, updates, state, params=None, **extra):
         del params, extra
-        # The norm reads the updates on their own (see transforms.adaptive._recomputed): a float32
+        # The norm reads the updates on their own (see numerics.unshared): a float32
         # conversion of a bfloat16 leaf shared with the scaling loop would be materialised.
-        norm = global_norm(_recomputed(updates))  # float32 (float64 when a leaf is float64)
+        norm = global_norm(numerics.unshared(updates))  # float32 (float64 when a leaf is float64)
         factor = _shrink_factor(norm, numerics.value_at(self.max_norm, None).astype(norm.dtype))
         return map_leaves(self.name, lambda u: _scale(u, factor), updates), state
 
@@ -136,7 +135,7 @@ class clip_by_block_rms(Transform):
         threshold = numerics.value_at(self.threshold, None)
 
         def one(u):
-            x = numerics.as_compute(_recomputed(u))   # the RMS reads u on its own
+            x = numerics.as_compute(numerics.unshared(u))   # the RMS reads u on its own
             if x.size == 0:
                 return u
             rms = jnp.sqrt(jnp.mean(numerics.abs_sq(x))).astype(jnp.float32)
@@ -241,8 +240,8 @@ class adaptive_grad_clip(Transform):
 
         def one(g, p):
             axes = _unit_axes(self.name, next(paths), g.ndim, self.axis)
-            # each norm reads its array on its own (see transforms.adaptive._recomputed)
-            limit = clipping * jnp.maximum(unit_norm(_recomputed(p), axes), eps)
-            return _scale(g, _shrink_factor(unit_norm(_recomputed(g), axes), limit))
+            # each norm reads its array on its own (see numerics.unshared)
+            limit = clipping * jnp.maximum(unit_norm(numerics.unshared(p), axes), eps)
+            return _scale(g, _shrink_factor(unit_norm(numerics.unshared(g), axes), limit))
 
         return map_leaves(self.name, one, updates, params, names=("params",)), state

@@ -21,8 +21,7 @@ import numpy as np
 
 from gradtx import numerics
 from gradtx.base import EmptyState, Transform, hyperparameter, option, transform
-from gradtx.transforms.adaptive import (_compute, _divide, _load, _Hypers, _real_dtype,
-                                        _recomputed)
+from gradtx.transforms.adaptive import _compute, _divide, _load, _Hypers, _real_dtype
 from gradtx.tree import TreeMismatchError, map_leaves
 
 __all__ = ["scale_by_factored_rms", "scale_by_param_block_rms", "ScaleByFactoredRmsState"]
@@ -187,7 +186,7 @@ class scale_by_factored_rms(Transform):
 
         def one(g, row, col, full):
             # Every parameter-sized use of G (row means, column means, clipping RMS, update)
-            # reads G in its own fused loop: see _recomputed. No temporary is materialised.
+            # reads G in its own fused loop: see numerics.unshared. No temporary is materialised.
             rd = _compute(g)[2]
             axes = self._axes(tuple(g.shape))
             tiny = jnp.asarray(jnp.finfo(rd).tiny, rd)
@@ -204,7 +203,8 @@ class scale_by_factored_rms(Transform):
             else:
                 i, j = axes
                 row_new = b * _load(row, rd) + w * jnp.mean(_sq_plus(g, eps), axis=j)
-                col_new = b * _load(col, rd) + w * jnp.mean(_sq_plus(*_recomputed((g, eps))), axis=i)
+                col_sq = _sq_plus(*numerics.unshared((g, eps)))
+                col_new = b * _load(col, rd) + w * jnp.mean(col_sq, axis=i)
                 r = jnp.maximum(row_new, tiny)
                 # V̂ = R Cᵀ / mean(R): mean over the axis of R that stands for axis i.
                 r_norm = r / jnp.mean(r, axis=i, keepdims=True)
@@ -218,10 +218,10 @@ class scale_by_factored_rms(Transform):
                 inputs = (g, row_factor, col_factor)
             # Each use of G gets its own expression (a different barrier tuple per use): with
             # bfloat16 leaves a shared float32 conversion of G would be materialised otherwise.
-            u = direction(*_recomputed(inputs[:2]), *inputs[2:])
+            u = direction(*numerics.unshared(inputs[:2]), *inputs[2:])
             if self.clipping_threshold is not None and g.size > 0:
                 d = h("clipping_threshold", rd)
-                rms = _rms(direction(*_recomputed(inputs)))
+                rms = _rms(direction(*numerics.unshared(inputs)))
                 u = _divide(u, jnp.maximum(jnp.ones((), rd), rms / d))
             return (u.astype(g.dtype),) + new
 
@@ -267,7 +267,7 @@ class scale_by_param_block_rms(Transform):
             if u.size == 0:
                 return u
             uc, _, rd = _compute(u)
-            pc = numerics.as_compute(_recomputed(p))
+            pc = numerics.as_compute(numerics.unshared(p))
             scale = jnp.maximum(_rms(pc).astype(rd), h("min_scale", rd))
             return (uc * scale.astype(uc.dtype)).astype(u.dtype)
 

@@ -8,7 +8,6 @@ import jax.numpy as jnp
 
 from gradtx import _validate, numerics
 from gradtx.base import EmptyState, Transform, hyperparameter, option, transform
-from gradtx.transforms.adaptive import _recomputed
 from gradtx.tree import leaf_norm, map_leaves
 
 
@@ -112,12 +111,12 @@ class scale_by_trust_ratio(Transform):
             # Each norm reads its arrays on its own (a different barrier tuple per use): with
             # bfloat16 leaves a float32 conversion of u or p shared with another loop (the
             # parameter update) would be materialised.
-            p_norm = jnp.maximum(cast(leaf_norm(_recomputed(p).astype(ct))), cast(min_norm))
+            p_norm = jnp.maximum(cast(leaf_norm(numerics.unshared(p).astype(ct))), cast(min_norm))
             if self.form == "lamb":
-                u_own = numerics.as_compute(_recomputed(u))
+                u_own = numerics.as_compute(numerics.unshared(u))
                 denom_norm = jnp.maximum(cast(leaf_norm(u_own)), cast(min_norm))
             else:
-                u_own, p_own = _recomputed((u, p))
+                u_own, p_own = numerics.unshared((u, p))
                 g_c = numerics.as_compute(u_own) - cast(wd).astype(ct) * p_own.astype(ct)
                 g_norm = jnp.maximum(cast(leaf_norm(g_c)), cast(min_norm))
                 denom_norm = g_norm + cast(wd) * p_norm
