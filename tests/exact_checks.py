@@ -49,13 +49,10 @@ def full_size_temporaries(hlo_text: str, shape: tuple, dtype: str = "f32") -> li
     return found
 
 
-def donated_step_text(tx, shape: tuple, dtype=np.float32) -> str:
+def compiled_step_text(tx, params, grads) -> str:
     """Optimized HLO of ``tx``'s jitted training step (``update`` + ``apply_updates``, params and
-    state donated) on one leaf ``{"w": shape}`` of ``dtype``."""
+    state donated) on the given trees."""
     import gradtx
-
-    params = {"w": (0.02 * jax.random.normal(jax.random.PRNGKey(0), shape)).astype(dtype)}
-    grads = {"w": (0.01 * jax.random.normal(jax.random.PRNGKey(1), shape)).astype(dtype)}
 
     def step(p, s, g):
         u, s = tx.update(g, s, p)
@@ -63,3 +60,10 @@ def donated_step_text(tx, shape: tuple, dtype=np.float32) -> str:
 
     return jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), grads) \
         .compile().as_text()
+
+
+def donated_step_text(tx, shape: tuple, dtype=np.float32) -> str:
+    """:func:`compiled_step_text` on one leaf ``{"w": shape}`` of ``dtype``."""
+    params = {"w": (0.02 * jax.random.normal(jax.random.PRNGKey(0), shape)).astype(dtype)}
+    grads = {"w": (0.01 * jax.random.normal(jax.random.PRNGKey(1), shape)).astype(dtype)}
+    return compiled_step_text(tx, params, grads)

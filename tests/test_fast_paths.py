@@ -24,7 +24,8 @@ import gradtx
 from gradtx import numerics
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from exact_checks import array_copies, donated_step_text, full_size_temporaries  # noqa: E402
+from exact_checks import (array_copies, compiled_step_text, donated_step_text,  # noqa: E402
+                          full_size_temporaries)
 
 SHAPES = {"w": (33, 17), "b": (17,), "k": (3, 4, 5), "s": ()}
 
@@ -102,15 +103,8 @@ def test_belief_bit_identical_to_reference(dtype, hypers):
 
 
 def _compiled_step_text(tx, dtype=jnp.float32):
-    params = _tree(jax.random.PRNGKey(0), dtype)
-    grads = _tree(jax.random.PRNGKey(1), dtype, scale=0.01)
-    state = tx.init(params)
-
-    def step(p, s, g):
-        u, s = tx.update(g, s, p)
-        return gradtx.apply_updates(p, u), s
-
-    return jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile().as_text()
+    return compiled_step_text(tx, _tree(jax.random.PRNGKey(0), dtype),
+                              _tree(jax.random.PRNGKey(1), dtype, scale=0.01))
 
 
 def test_copy_detector_sees_a_copy():
