@@ -14,6 +14,7 @@ from typing import Any, Callable, Hashable, Mapping, NamedTuple
 
 import jax
 
+from gradtx import numerics
 from gradtx.base import Transform, _format_value, transform
 from gradtx.tree import TreeMismatchError, first_difference, zeros_like
 
@@ -74,13 +75,59 @@ def _check_member(owner: str, tx, where: str):
 # --------------------------------------------------------------------------------------------
 # chain / named_chain
 
+def _replay_stop(transforms) -> int | None:
+    """Index of the first member that takes norms of the updates it receives
+    (``_update_from``) and whose predecessors can all replay theirs (``_replayable_update``)."""
+    for i, tx in enumerate(transforms):
+        if i and callable(getattr(tx, "_update_from", None)):
+            if all(callable(getattr(t, "_replayable_update", None)) for t in transforms[:i]):
+                return i
+            return None
+    return None
+
+
+def _run_in_order(transforms, updates, states, params, extra):
+    """Run ``transforms`` one after another; returns the final updates and the list of states.
+
+    A member that takes norms of the updates it receives (:class:`gradtx.scale_by_trust_ratio`)
+    would read them twice, in the norm and in the parameter update, and XLA would write them to a
+    parameter-sized temporary. When every member before it can recompute its updates from the new
+    state it returned (Adam's direction from ``m'``, ``v'`` and the count; weight decay's from
+    its input and ``p``), the norm is taken from that recomputation instead: it reads the new
+    state (through a barrier, so that XLA fuses it into the norm's own loop) and the updates feed
+    only the parameter update. Same values, no temporary. The protocol is private: a member may
+    define ``_replayable_update(updates, state, params)``, returning its updates, its new state
+    and a function ``(updates, new_state, params) -> updates`` (or ``None``), and a norm-taking
+    member ``_update_from(updates, recomputed, state, params)``.
+    """
+    stop = _replay_stop(transforms) if params is not None else None
+    grads, new_states, replays = updates, [], []
+    for i, (tx, state) in enumerate(zip(transforms, states)):
+        if stop is not None and i < stop:
+            updates, state, replay = tx._replayable_update(updates, state, params, **extra)
+            replays.append(replay)
+        elif i == stop and all(r is not None for r in replays):
+            recomputed, prior, p = numerics.unshared((grads, tuple(new_states), params))
+            for replay, s in zip(replays, prior):
+                recomputed = replay(recomputed, s, p)
+            updates, state = tx._update_from(updates, recomputed, state, params, **extra)
+        else:
+            updates, state = call_update(tx, updates, state, params, extra)
+        new_states.append(state)
+    return updates, new_states
+
+
 @transform
 class chain(Transform):
     """Apply transforms one after another: ``chain(a, b)(g) = b(a(g))``.
 
     The state is the tuple of the members' states, in order. Extra keyword arguments given to
     ``update`` reach every member. ``chain()`` with no member is the identity. Members may be
-    gradtx transforms or any object with ``init``/``update`` (Optax transforms included).
+    gradtx transforms or any object with ``init``/``update`` (Optax transforms included). When a
+    member takes norms of the updates it receives (:class:`gradtx.scale_by_trust_ratio`) and every
+    member before it can recompute its updates from its new state, the chain gives it that
+    recomputation for the norms, so the updates are never materialised (see
+    :class:`gradtx.scale_by_trust_ratio`); the result is the same.
     Optax: ``optax.chain``. torch has no equivalent: its optimizers are monolithic.
 
     Example:
@@ -112,10 +159,7 @@ class chain(Transform):
                 f"chain of {len(self.transforms)} transforms got a state of type "
                 f"{type(state).__name__}{' of length ' + str(len(state)) if isinstance(state, tuple) else ''}; "
                 f"pass the state returned by this chain's init/update.")
-        new_states = []
-        for tx, s in zip(self.transforms, state):
-            updates, s = call_update(tx, updates, s, params, extra)
-            new_states.append(s)
+        updates, new_states = _run_in_order(self.transforms, updates, state, params, extra)
         return updates, tuple(new_states)
 
 
@@ -161,13 +205,14 @@ class named_chain(Transform):
         return {name: tx.init(params) for name, tx in self.transforms}
 
     def update(self, updates, state, params=None, **extra):
-        new_state = {}
-        for name, tx in self.transforms:
+        for name, _ in self.transforms:
             if name not in state:
                 raise TreeMismatchError(f"named_chain: the state has no entry {name!r}; it has "
                                         f"{sorted(state)}.")
-            updates, new_state[name] = call_update(tx, updates, state[name], params, extra)
-        return updates, new_state
+        names = [name for name, _ in self.transforms]
+        updates, new_states = _run_in_order([tx for _, tx in self.transforms], updates,
+                                            [state[name] for name in names], params, extra)
+        return updates, dict(zip(names, new_states))
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from gradtx import _validate
 
 __all__ = [
     "INT32_MAX", "init_count", "safe_increment", "compute_dtype", "bias_correction", "value_at",
-    "abs_sq", "as_compute", "state_dtype", "hyper", "log_decay", "unshared",
+    "abs_sq", "as_compute", "state_dtype", "hyper", "log_decay", "unshared", "computed_once",
 ]
 
 INT32_MAX = int(np.iinfo(np.int32).max)
@@ -193,6 +193,36 @@ def unshared(x):
         [1.5, 4.5]
     """
     return jax.lax.optimization_barrier(x)
+
+
+def computed_once(x: jax.Array, count: jax.Array) -> jax.Array:
+    """``x`` itself (``x / 1``, exact for every value), which XLA computes once and reads back.
+
+    XLA's fusion copies a cheap elementwise expression into every loop that consumes it. For a
+    new state value that is also written to its donated buffer (Adam's ``m'``), that means a
+    later loop recomputes it from the *old* state -- and then the old buffer cannot be updated in
+    place: XLA copies it first. A division by an array is an operation XLA never duplicates, so
+    every consumer reads the value from its buffer. The divisor is ``where(count < 0, x, 1)``:
+    ``count`` is the transform's int32 step count, never negative, but XLA cannot rule that out
+    at compile time, so the division stays in the program (a division by a scalar, even a
+    run-time one, is rewritten into a multiplication by its reciprocal, which XLA does
+    duplicate). ``x / 1`` is ``x`` bit for bit (NaN, ±inf and -0 included) in every real floating
+    dtype, and its derivative is 1. Complex ``x`` is returned as it is (a complex division by
+    ``1 + 0j`` can turn -0 into +0). Used by :class:`gradtx.scale_by_adam` for the moments it
+    stores as computed, so that :class:`gradtx.chain` can take a trust ratio's norm from them
+    (see ``docs/performance.md``). Neither Optax nor torch has an equivalent.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from gradtx import numerics
+        >>> x = jnp.array([1.5, -0.0, jnp.inf])
+        >>> y = numerics.computed_once(x, jnp.int32(3))
+        >>> y.tolist(), bool(jnp.signbit(y[1]))
+        ([1.5, -0.0, inf], True)
+    """
+    if jnp.iscomplexobj(x):
+        return x
+    return x / jnp.where(count < 0, x, jnp.ones((), x.dtype))
 
 
 def abs_sq(x: jax.Array) -> jax.Array:

@@ -254,8 +254,7 @@ ENTRIES: list[Entry] = [
             g.scale_by_adam(eps=1e-6), g.add_decoupled_weight_decay(weight_decay),
             g.scale_by_trust_ratio(), g.scale_by_learning_rate(learning_rate)),
         {"quadratic": _b(3000, 2e-3, 0.05), "rosenbrock": _b(3000, 5e-3, 0.05)},
-        needs_params=True,
-        cpu_step_temporaries=1),   # the direction: ‖u‖ (trust ratio) and p' read it
+        needs_params=True),   # ‖u‖ is recomputed from the new moments (chain replay): no temporary
     Entry(
         "lars", g.lars, dict(learning_rate=ExponentialDecay(1.0, 0.998), trust_coefficient=0.01),
         lambda learning_rate, trust_coefficient: g.chain(
@@ -345,8 +344,7 @@ ENTRIES += [
         {"quadratic": _b(2000, 2e-3, 0.1, learning_rate=ExponentialDecay(0.1, 0.997),
                          vector_learning_rate=ExponentialDecay(0.1, 0.998)),
          "rosenbrock": _b(3000, 2e-3, 0.05, vector_learning_rate=ExponentialDecay(0.1, 0.999))},
-        needs_params=True,
-        cpu_step_temporaries=1),   # LAMB's direction on the matrix
+        needs_params=True),
     Entry(
         "named_masked_momentum", masked_decay_momentum, dict(learning_rate=0.05, weight_decay=1e-5),
         masked_decay_momentum,

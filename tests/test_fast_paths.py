@@ -221,3 +221,151 @@ def test_adadelta_bit_identical_to_reference(dtype, hypers):
     ref = jax.jit(_adadelta_reference(**(dict(rho=0.9, eps=1e-6) | hypers)))
     fast = jax.jit(tx.update)
     _assert_steps_bit_identical(tx, fast, ref, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The trust ratio's norm from the chain's replay (gradtx.combine._run_in_order)
+
+def _nested(*members):
+    """The same chain with its first member wrapped in another chain: a nested chain cannot
+    replay its updates, so the trust ratio takes its norm from the updates themselves."""
+    return gradtx.chain(gradtx.chain(members[0]), *members[1:])
+
+
+def _matrices_only(params):
+    """Decay mask: the leaves with more than one dimension."""
+    return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
+
+_REPLAYED_CHAINS = {
+    "lamb": lambda: (gradtx.scale_by_adam(eps=1e-6), gradtx.add_decoupled_weight_decay(1e-2),
+                     gradtx.scale_by_trust_ratio(), gradtx.scale_by_learning_rate(1e-3)),
+    "masked_decay_amsgrad": lambda: (
+        gradtx.scale_by_adam(amsgrad=True), gradtx.add_decoupled_weight_decay(0.1, mask=_matrices_only),
+        gradtx.scale_by_trust_ratio(min_ratio=0.5, max_ratio=3.0), gradtx.scale_by_learning_rate(0.1)),
+    "nadam_eps_root": lambda: (gradtx.scale_by_adam(nesterov=True, eps_root=1e-12),
+                               gradtx.scale_by_trust_ratio(eps=1e-3)),
+    "lars": lambda: (gradtx.add_decoupled_weight_decay(1e-3),
+                     gradtx.scale_by_trust_ratio(form="lars", weight_decay=1e-3,
+                                                 trust_coefficient=0.01),
+                     gradtx.scale_by_learning_rate(0.1), gradtx.trace(decay=0.9)),
+}
+# combinations that cannot replay (the result must not change either)
+_FALLBACK_CHAINS = {
+    "bf16_moments": lambda: (gradtx.scale_by_adam(mu_dtype="bfloat16"), gradtx.scale_by_trust_ratio()),
+    "decay_schedule": lambda: (gradtx.scale_by_adam(),
+                               gradtx.add_decoupled_weight_decay(gradtx.schedules.exponential(1e-2, 0.5)),
+                               gradtx.scale_by_trust_ratio()),
+    "torch_nadam": lambda: (gradtx.scale_by_adam(nesterov=True, momentum_decay=4e-3),
+                            gradtx.scale_by_trust_ratio()),
+}
+
+
+def _run_steps(tx, dtype, jit: bool):
+    """Six steps (gradients from 1e-3 to 1e2 in scale, one with a NaN and an inf): the
+    parameters after each step and the final state's leaves."""
+    params = _tree(jax.random.PRNGKey(0), dtype)
+    state = tx.init(params)
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return gradtx.apply_updates(p, u), s
+
+    step = jax.jit(step) if jit else step
+    trajectory = []
+    for i in range(6):
+        g = _tree(jax.random.PRNGKey(i + 1), dtype, scale=10.0 ** (i - 3))
+        if i == 4:
+            g["w"] = g["w"].at[0, 0].set(jnp.nan).at[1, 1].set(jnp.inf)
+        params, state = step(params, state, g)
+        trajectory.append(params)
+    return trajectory, jax.tree.leaves(state)
+
+
+def _assert_trajectories_agree(a, b, exact: bool):
+    """Bit for bit, or (``exact=False``) to float32 rounding: under jit the norm is computed by
+    another loop than the update, and XLA's CPU backend contracts ``a·b + c`` into fused
+    multiply-adds as each loop's code allows, so the two may differ in the last bit (as any two
+    XLA programs computing the same expression may)."""
+    if exact:
+        _assert_bit_identical(a, b)
+        return
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        np.testing.assert_array_equal(np.isnan(x), np.isnan(y))
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+@pytest.mark.parametrize("name", sorted(_REPLAYED_CHAINS) + sorted(_FALLBACK_CHAINS))
+def test_trust_ratio_with_replayed_norm_matches_the_plain_chain(name, jit):
+    # the chain takes the trust ratio's norm from updates recomputed out of the new state; the
+    # same chain with its first member nested cannot, and takes it from the updates: parameters
+    # and states agree bit for bit eagerly (the same operations on the same values), and to
+    # float32 rounding under jit, NaN and inf included
+    members = {**_REPLAYED_CHAINS, **_FALLBACK_CHAINS}[name]()
+    dtype = jnp.bfloat16 if name == "bf16_moments" else jnp.float32
+    replayed = _run_steps(gradtx.chain(*members), dtype, jit)
+    plain = _run_steps(_nested(*members), dtype, jit)
+    _assert_trajectories_agree(replayed, plain, exact=not jit)
+
+
+def test_named_chain_replays_like_chain():
+    members = _REPLAYED_CHAINS["lamb"]()
+    named = gradtx.named_chain(*((f"m{i}", tx) for i, tx in enumerate(members)))
+    for jit in (True, False):
+        _assert_trajectories_agree(_run_steps(named, jnp.float32, jit),
+                                   _run_steps(_nested(*members), jnp.float32, jit), exact=not jit)
+
+
+_EQUAL_SHAPES = {"a": (96, 160), "b": (96, 160), "c": (160, 96), "v": (160,)}
+
+
+def _equal_shaped_tree(key, scale):
+    keys = jax.random.split(key, len(_EQUAL_SHAPES))
+    return {n: scale * jax.random.normal(k, s, jnp.float32) for k, (n, s) in
+            zip(keys, _EQUAL_SHAPES.items())}
+
+
+@pytest.mark.parametrize("name", sorted(_REPLAYED_CHAINS))
+def test_replayed_trust_ratio_step_writes_no_temporary(name):
+    # LAMB's direction feeds the norm and the parameter update; recomputed for the norm from the
+    # new moments, it is never materialised. Several leaves of the same shape: a scalar's
+    # broadcast shared by their reductions would be materialised too (each replay reads its
+    # scalars through a per-leaf barrier). The nested chain shows the detector sees the direction.
+    if jax.default_backend() != "cpu":
+        pytest.skip("describes XLA's CPU backend")
+    params = _equal_shaped_tree(jax.random.PRNGKey(0), 1.0)
+    grads = _equal_shaped_tree(jax.random.PRNGKey(1), 0.01)
+    members = _REPLAYED_CHAINS[name]()
+    text = compiled_step_text(gradtx.chain(*members), params, grads)
+    matrices = [(96, 160), (160, 96)]
+    temps = [t for shape in matrices for t in full_size_temporaries(text, shape)]
+    assert temps == [], "parameter-sized temporaries:\n" + "\n".join(temps)
+    assert array_copies(text) == []
+    if name != "lars":    # LARS's direction g + λp is cheap: XLA recomputes it either way
+        nested = compiled_step_text(_nested(*members), params, grads)
+        assert any(full_size_temporaries(nested, shape) for shape in matrices)
+
+
+def test_plain_adam_does_not_keep_its_moments():
+    # the moments are pinned to their buffers only for a replay: inside quantized_state the new
+    # moments are not stored as computed, and pinning them would materialise float32 copies
+    if jax.default_backend() != "cpu":
+        pytest.skip("describes XLA's CPU backend")
+    from gradtx.quantization import quantized_state
+    shape = (512, 512)
+    text = donated_step_text(quantized_state(gradtx.adamw(1e-3)), shape)
+    assert full_size_temporaries(text, shape) == []
+
+
+def test_computed_once_is_the_identity_bit_for_bit():
+    x = jnp.array([1.5, -0.0, 0.0, jnp.inf, -jnp.inf, jnp.nan, 1e-45, -3.4e38], jnp.float32)
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+        y = x.astype(dtype)
+        _assert_bit_identical(jax.jit(numerics.computed_once)(y, jnp.int32(7)), y)
+    z = jnp.array([1 - 0j, -0.0 + 2j])
+    assert numerics.computed_once(z, jnp.int32(1)) is z
+    grad = jax.grad(lambda v: jnp.sum(numerics.computed_once(v, jnp.int32(3)) * 2.0))
+    np.testing.assert_array_equal(grad(jnp.array([0.5, -4.0])), [2.0, 2.0])

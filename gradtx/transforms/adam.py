@@ -100,6 +100,15 @@ class scale_by_adam(Transform):
     ``[0, 1)``, ``eps, eps_root >= 0`` and not both zero. ``mu_dtype``/``nu_dtype`` are the storage
     dtypes of ``m`` and ``v`` (and ``v_max``). State: :class:`ScaleByAdamState`.
 
+    Both bias corrections are applied as multiplications by their reciprocals,
+    ``m̂ = m · (1/(1 - β₁ᵗ))`` and ``v̂ = v · (1/(1 - β₂ᵗ))`` (one scalar division per step): XLA
+    rewrites a division by a scalar into that form in some programs and not in others, so writing
+    it this way gives the same bits under ``jit`` and eagerly, in every program. Within a
+    :class:`gradtx.chain`, a later member that takes norms of the updates
+    (:class:`gradtx.scale_by_trust_ratio`, as in :func:`gradtx.lamb`) recomputes the direction from
+    the new ``m``, ``v`` and count instead of materialising it (when the moments are stored in the
+    dtype they are computed in; see ``docs/performance.md``).
+
     Example:
         >>> import jax.numpy as jnp, gradtx
         >>> tx = gradtx.scale_by_adam()
@@ -156,31 +165,43 @@ class scale_by_adam(Transform):
             return _f32(self.b1) / bc1_next, (1.0 - _f32(self.b1)) / bc1, mu_product
         return 1.0 / bc1, jnp.zeros((), jnp.float32), mu_product
 
+    def _direction(self, h, bc2, c_m, c_g, gc, m_new, v_used):
+        """``m̂ / (√(v̂ + ε_root) + ε)`` from the new moments, in the compute dtype."""
+        cd, rd = m_new.dtype, v_used.dtype
+        den = jnp.sqrt(v_used * (1 / bc2.astype(rd)) + h("eps_root", rd)) + h("eps", rd)
+        num = c_m.astype(cd) * m_new
+        if self.nesterov:
+            num = num + c_g.astype(cd) * gc
+        return _divide(num, den)
+
     def update(self, updates, state, params=None, **extra):
         del params, extra
+        return self._update(updates, state, keep_moments=False)
+
+    def _update(self, updates, state, keep_moments: bool):
         h = _Hypers(self)
         count = numerics.safe_increment(state.count)
         c_m, c_g, mu_product = self._numerator_coefficients(count, state.mu_product)
         bc2 = numerics.bias_correction(self.b2, count)
-        uses_g = self.nesterov
 
         def one(g, m, v, *v_max):
             gc, cd, rd = _compute(g)
             b1, b2 = h("b1", cd), h("b2", rd)
             m_new = b1 * _load(m, cd) + (1 - b1) * gc
             v_new = b2 * _load(v, rd) + (1 - b2) * numerics.abs_sq(gc)
+            if keep_moments:
+                # every later loop (the parameter update, a trust ratio's norm) reads the new
+                # moments back from their buffers instead of recomputing them from the old state
+                m_new = numerics.computed_once(m_new, count)
+                v_new = numerics.computed_once(v_new, count)
             v_stored = v_new.astype(v.dtype)
             if self.amsgrad:
                 v_max_stored = jnp.maximum(v_max[0], v_stored)
                 v_used = _load(v_max_stored, rd)
             else:
                 v_used = v_new
-            den = jnp.sqrt(v_used / bc2.astype(rd) + h("eps_root", rd)) \
-                + h("eps", rd)
-            num = c_m.astype(cd) * m_new
-            if uses_g:
-                num = num + c_g.astype(cd) * gc
-            out = (_divide(num, den).astype(g.dtype), m_new.astype(m.dtype), v_stored)
+            direction = self._direction(h, bc2, c_m, c_g, gc, m_new, v_used)
+            out = (direction.astype(g.dtype), m_new.astype(m.dtype), v_stored)
             return out + ((v_max_stored,) if self.amsgrad else ())
 
         others = (state.mu, state.nu) + ((state.nu_max,) if self.amsgrad else ())
@@ -189,6 +210,49 @@ class scale_by_adam(Transform):
                              outputs=len(others) + 1)
         nu_max = results[3] if self.amsgrad else ()
         return results[0], ScaleByAdamState(count, results[1], results[2], nu_max, mu_product)
+
+    def _replayable_update(self, updates, state, params=None, **extra):
+        """:meth:`update`, and a function that recomputes its updates, bit for bit, from the
+        state it returns (and the gradients, for NAdam) -- ``None`` where that state does not
+        determine them: moments stored in another dtype than they are computed in (the direction
+        uses the unrounded values), or torch's NAdam schedule (its coefficients need the
+        previous ``mu_product``). With a replay the new moments are kept in their buffers
+        (:func:`gradtx.numerics.computed_once`). See :class:`gradtx.chain`."""
+        del params, extra
+        replayable = self._stored_as_computed(updates, state)
+        updates, new_state = self._update(updates, state, keep_moments=replayable)
+        return updates, new_state, (self._replay if replayable else None)
+
+    def _stored_as_computed(self, updates, state) -> bool:
+        """Whether every moment is stored in the dtype it is computed in (and no NAdam schedule)."""
+        if self.momentum_decay is not None:
+            return False
+        seconds = (state.nu,) + ((state.nu_max,) if self.amsgrad else ())
+        for g, m, *vs in zip(*map(jax.tree.leaves, (updates, state.mu) + seconds)):
+            _, cd, rd = _compute(g)
+            if m.dtype != cd or any(v.dtype != rd for v in vs):
+                return False
+        return True
+
+    def _replay(self, updates, new_state, params=None):
+        """The direction from the new state (see :meth:`_replayable_update`)."""
+        del params
+        count = new_state.count
+        c_m, c_g, _ = self._numerator_coefficients(count, new_state.mu_product)
+        scalars = (c_m, c_g, numerics.bias_correction(self.b2, count),
+                   numerics.hyper(self.eps), numerics.hyper(self.eps_root))
+
+        def one(g, m, v):
+            # each leaf reads its moments and the scalars through its own barrier: a scalar's
+            # broadcast shared by the reductions of equal-shaped leaves would be materialised
+            g, m, v, c_m, c_g, bc2, eps, eps_root = numerics.unshared((g, m, v, *scalars))
+            h = {"eps": eps, "eps_root": eps_root}
+            gc, _, _ = _compute(g)
+            return self._direction(lambda name, dtype: h[name].astype(dtype), bc2, c_m, c_g, gc,
+                                   m, v).astype(g.dtype)
+
+        v_used = new_state.nu_max if self.amsgrad else new_state.nu
+        return map_leaves(self.name, one, updates, new_state.mu, v_used, names=("mu", "nu"))
 
 
 # --------------------------------------------------------------------------------------------

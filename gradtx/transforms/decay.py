@@ -6,7 +6,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from gradtx import numerics
+from gradtx import _validate, numerics
 from gradtx.base import Transform, hyperparameter, option, transform
 from gradtx.combine import _freeze_spec, _is_bool, _merge, _resolve, _select
 from gradtx.tree import map_leaves
@@ -66,20 +66,38 @@ class add_decoupled_weight_decay(Transform):
         del params
         return DecayState(numerics.init_count())
 
+    def _add(self, updates, params, rate, separate: bool = False):
+        def one(u, p):
+            if separate:   # see _replay
+                u, p, r = numerics.unshared((u, p, rate))
+            else:
+                r = rate
+            ct = numerics.compute_dtype(u.dtype)
+            return (numerics.as_compute(u) + r.astype(ct) * p.astype(ct)).astype(u.dtype)
+
+        if self.mask is None:
+            return map_leaves(self.name, one, updates, params, names=("params",))
+        mask = _resolve(self.name, self.mask, params)
+        chosen = map_leaves(self.name, one, _select(self.name, mask, updates),
+                            _select(self.name, mask, params), names=("params",))
+        return _merge(self.name, mask, chosen, updates)
+
     def update(self, updates, state, params=None, **extra):
         del extra
         self.require_params(params)
         rate = numerics.value_at(self.rate, state.count)
+        return self._add(updates, params, rate), DecayState(numerics.safe_increment(state.count))
 
-        def one(u, p):
-            ct = numerics.compute_dtype(u.dtype)
-            return (numerics.as_compute(u) + rate.astype(ct) * p.astype(ct)).astype(u.dtype)
+    def _replayable_update(self, updates, state, params=None, **extra):
+        """:meth:`update`, and a function that recomputes its updates, bit for bit, from the
+        updates it was given and ``params`` (``None`` for a scheduled rate: the state holds the
+        count after the step, and at the saturated int32 maximum the count the schedule was read
+        at is ambiguous). See :class:`gradtx.chain`."""
+        updates, new_state = self.update(updates, state, params, **extra)
+        return updates, new_state, (None if _validate.is_schedule(self.rate) else self._replay)
 
-        if self.mask is None:
-            new_updates = map_leaves(self.name, one, updates, params, names=("params",))
-        else:
-            mask = _resolve(self.name, self.mask, params)
-            chosen = map_leaves(self.name, one, _select(self.name, mask, updates),
-                                _select(self.name, mask, params), names=("params",))
-            new_updates = _merge(self.name, mask, chosen, updates)
-        return new_updates, DecayState(numerics.safe_increment(state.count))
+    def _replay(self, updates, new_state, params):
+        del new_state
+        # each leaf reads its arrays and the rate through its own barrier: the rate's broadcast
+        # shared by the reductions of equal-shaped leaves would be materialised
+        return self._add(updates, params, numerics.value_at(self.rate, None), separate=True)

@@ -58,6 +58,15 @@ class scale_by_trust_ratio(Transform):
     * LARS as in the paper: ``chain(add_decoupled_weight_decay(β), scale_by_trust_ratio(
       form="lars", weight_decay=β, trust_coefficient=η), scale_by_learning_rate(γ), trace(m))``.
 
+    **No temporary.** The norm and the parameter update both read ``u``; computed once, it would
+    be written to a parameter-sized temporary. Inside a :class:`gradtx.chain` whose earlier members
+    can recompute their updates from the state they return (:class:`gradtx.scale_by_adam` with
+    moments stored as computed, :class:`gradtx.add_decoupled_weight_decay` with a constant rate),
+    the chain hands this transform that recomputation for the norm, which then reads the new
+    moments in a loop of its own; ``u`` feeds only the parameter update (LAMB on a 4096×4096 leaf:
+    ~42 → ~30 ms on the 2-core CPU, Optax ~74 ms). The values are the same; under ``jit`` the norm
+    may differ from the plain computation in the last bit (XLA contracts multiply-adds per loop).
+
     Optax: ``optax.scale_by_trust_ratio(min_norm, trust_coefficient, eps)`` is the LAMB form
     without the ratio bounds. torch has no built-in LAMB/LARS.
 
@@ -97,27 +106,39 @@ class scale_by_trust_ratio(Transform):
 
     def update(self, updates, state, params=None, **extra):
         del extra
+        return self._update_from(updates, None, state, params)
+
+    def _update_from(self, updates, norm_input, state, params=None, **extra):
+        """:meth:`update`, with the update norms taken from ``norm_input``: the same values as
+        ``updates``, recomputed by :class:`gradtx.chain` from the new state of the members before
+        this one (``None``: from ``updates``). Then ``updates`` feed only the parameter update and
+        are never materialised."""
+        del extra
         self.require_params(params)
         coeff = numerics.value_at(self.trust_coefficient, None)
         eps = numerics.value_at(self.eps, None)
         min_norm = numerics.value_at(self.min_norm, None)
         wd = numerics.value_at(self.weight_decay, None)
 
-        def one(u, p):
+        def one(u, p, *recomputed):
             ct = numerics.compute_dtype(u.dtype)
             u_c = numerics.as_compute(u)
             rt = jnp.float64 if ct == jnp.float64 else jnp.float32
             cast = lambda x: x.astype(rt)  # noqa: E731
             # Each norm reads its arrays on its own (a different barrier tuple per use): with
             # bfloat16 leaves a float32 conversion of u or p shared with another loop (the
-            # parameter update) would be materialised.
+            # parameter update) would be materialised. A recomputed u is independent already.
             p_norm = jnp.maximum(cast(leaf_norm(numerics.unshared(p).astype(ct))), cast(min_norm))
             if self.form == "lamb":
-                u_own = numerics.as_compute(numerics.unshared(u))
-                denom_norm = jnp.maximum(cast(leaf_norm(u_own)), cast(min_norm))
+                u_own = recomputed[0] if recomputed else numerics.unshared(u)
+                denom_norm = jnp.maximum(cast(leaf_norm(numerics.as_compute(u_own))),
+                                         cast(min_norm))
             else:
-                u_own, p_own = numerics.unshared((u, p))
-                g_c = numerics.as_compute(u_own) - cast(wd).astype(ct) * p_own.astype(ct)
+                if recomputed:
+                    u_own, (p_own, wd_own) = recomputed[0], numerics.unshared((p, wd))
+                else:
+                    u_own, p_own, wd_own = *numerics.unshared((u, p)), wd
+                g_c = numerics.as_compute(u_own) - cast(wd_own).astype(ct) * p_own.astype(ct)
                 g_norm = jnp.maximum(cast(leaf_norm(g_c)), cast(min_norm))
                 denom_norm = g_norm + cast(wd) * p_norm
             degenerate = (p_norm == 0) | (denom_norm == 0)
@@ -130,4 +151,6 @@ class scale_by_trust_ratio(Transform):
             ratio = jnp.where(degenerate, jnp.ones_like(ratio), ratio)
             return (u_c * ratio.astype(ct)).astype(u.dtype)
 
-        return map_leaves(self.name, one, updates, params, names=("params",)), state
+        columns = (params,) if norm_input is None else (params, norm_input)
+        return map_leaves(self.name, one, updates, *columns,
+                          names=("params", "recomputed updates")), state
