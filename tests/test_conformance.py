@@ -380,7 +380,7 @@ def test_factored_state_is_sublinear(entry):
     assert updates["big"].shape == (64, 32) and bool(jnp.all(jnp.isfinite(updates["big"])))
 
 
-_MATRIX = (136, 200)   # a matrix both of whose dimensions Adafactor factors
+_MATRIX = (264, 256)   # both dimensions factored by Adafactor; above the trust ratio's recompute size
 
 
 @by_entry

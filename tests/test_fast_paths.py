@@ -260,10 +260,21 @@ _FALLBACK_CHAINS = {
 }
 
 
+# one leaf large enough for the recomputed norm (gradtx.transforms.trust_ratio._RECOMPUTE_FROM),
+# the others below it
+_MIXED = {"w": (256, 300), "b": (300,), "k": (3, 4, 5), "s": ()}
+
+
+def _mixed_tree(key, dtype, scale=1.0):
+    keys = jax.random.split(key, len(_MIXED))
+    return {name: (scale * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+            for k, (name, shape) in zip(keys, _MIXED.items())}
+
+
 def _run_steps(tx, dtype, jit: bool):
     """Six steps (gradients from 1e-3 to 1e2 in scale, one with a NaN and an inf): the
     parameters after each step and the final state's leaves."""
-    params = _tree(jax.random.PRNGKey(0), dtype)
+    params = _mixed_tree(jax.random.PRNGKey(0), dtype)
     state = tx.init(params)
 
     def step(p, s, g):
@@ -273,9 +284,10 @@ def _run_steps(tx, dtype, jit: bool):
     step = jax.jit(step) if jit else step
     trajectory = []
     for i in range(6):
-        g = _tree(jax.random.PRNGKey(i + 1), dtype, scale=10.0 ** (i - 3))
+        g = _mixed_tree(jax.random.PRNGKey(i + 1), dtype, scale=10.0 ** (i - 3))
         if i == 4:
             g["w"] = g["w"].at[0, 0].set(jnp.nan).at[1, 1].set(jnp.inf)
+            g["k"] = g["k"].at[0, 0, 0].set(jnp.inf)
         params, state = step(params, state, g)
         trajectory.append(params)
     return trajectory, jax.tree.leaves(state)
@@ -319,7 +331,7 @@ def test_named_chain_replays_like_chain():
                                    _run_steps(_nested(*members), jnp.float32, jit), exact=not jit)
 
 
-_EQUAL_SHAPES = {"a": (96, 160), "b": (96, 160), "c": (160, 96), "v": (160,)}
+_EQUAL_SHAPES = {"a": (256, 256), "b": (256, 256), "c": (128, 512), "v": (512,)}
 
 
 def _equal_shaped_tree(key, scale):
@@ -340,13 +352,24 @@ def test_replayed_trust_ratio_step_writes_no_temporary(name):
     grads = _equal_shaped_tree(jax.random.PRNGKey(1), 0.01)
     members = _REPLAYED_CHAINS[name]()
     text = compiled_step_text(gradtx.chain(*members), params, grads)
-    matrices = [(96, 160), (160, 96)]
+    matrices = [(256, 256), (128, 512)]
     temps = [t for shape in matrices for t in full_size_temporaries(text, shape)]
     assert temps == [], "parameter-sized temporaries:\n" + "\n".join(temps)
     assert array_copies(text) == []
     if name != "lars":    # LARS's direction g + λp is cheap: XLA recomputes it either way
         nested = compiled_step_text(_nested(*members), params, grads)
         assert any(full_size_temporaries(nested, shape) for shape in matrices)
+
+
+def test_small_leaves_take_the_norm_from_the_updates():
+    # below the size threshold the recomputation is dropped (the materialised updates are small),
+    # so many small leaves compile to the same program as without it
+    params = {f"w{i}": jnp.full((32, 48), 0.1 * (i + 1)) for i in range(4)}
+    members = _REPLAYED_CHAINS["lamb"]()
+    replayed = compiled_step_text(gradtx.chain(*members), params, params)
+    nested = compiled_step_text(_nested(*members), params, params)
+    assert replayed.count(" fusion(") == nested.count(" fusion(")
+    assert "reduce" in replayed
 
 
 def test_plain_adam_does_not_keep_its_moments():

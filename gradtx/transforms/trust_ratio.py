@@ -13,6 +13,11 @@ from gradtx.tree import leaf_norm, map_leaves
 
 __all__ = ["scale_by_trust_ratio"]
 
+# Leaves from this many elements take the norm from the chain's recomputed updates; below, the
+# updates are materialised (a small buffer that stays in cache) and the recomputation is dropped,
+# which keeps the compile time of many small leaves where it was (test_fast_paths).
+_RECOMPUTE_FROM = 2 ** 16
+
 
 @transform
 class scale_by_trust_ratio(Transform):
@@ -129,6 +134,8 @@ class scale_by_trust_ratio(Transform):
             # bfloat16 leaves a float32 conversion of u or p shared with another loop (the
             # parameter update) would be materialised. A recomputed u is independent already.
             p_norm = jnp.maximum(cast(leaf_norm(numerics.unshared(p).astype(ct))), cast(min_norm))
+            if jnp.size(u) < _RECOMPUTE_FROM:
+                recomputed = ()
             if self.form == "lamb":
                 u_own = recomputed[0] if recomputed else numerics.unshared(u)
                 denom_norm = jnp.maximum(cast(leaf_norm(numerics.as_compute(u_own))),
