@@ -75,6 +75,13 @@ def _check_member(owner: str, tx, where: str):
 # --------------------------------------------------------------------------------------------
 # chain / named_chain
 
+# An extra keyword argument (forwarded like any other, so it reaches nested chains) with which a
+# wrapper that does not store its inner optimizer's state as returned (gradtx.quantized_state
+# re-encodes it) turns the replay off: kept in their buffers, the new moments would only become
+# float32 temporaries there.
+NO_REPLAY = "_gradtx_no_replay"
+
+
 def _replay_stop(transforms) -> int | None:
     """Index of the first member that takes norms of the updates it receives
     (``_update_from``) and whose predecessors can all replay theirs (``_replayable_update``)."""
@@ -100,7 +107,8 @@ def _run_in_order(transforms, updates, states, params, extra):
     and a function ``(updates, new_state, params) -> updates`` (or ``None``), and a norm-taking
     member ``_update_from(updates, recomputed, state, params)``.
     """
-    stop = _replay_stop(transforms) if params is not None else None
+    replay = params is not None and not extra.get(NO_REPLAY, False)
+    stop = _replay_stop(transforms) if replay else None
     grads, new_states, replays = updates, [], []
     for i, (tx, state) in enumerate(zip(transforms, states)):
         if stop is not None and i < stop:

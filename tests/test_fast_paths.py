@@ -383,6 +383,18 @@ def test_plain_adam_does_not_keep_its_moments():
     assert full_size_temporaries(text, shape) == []
 
 
+def test_quantized_lamb_does_not_replay():
+    # quantized_state re-encodes its inner state, so moments kept in their buffers for a replay
+    # would only add float32 temporaries: it turns the replay off (combine.NO_REPLAY), and the
+    # step keeps LAMB's one temporary, the direction
+    if jax.default_backend() != "cpu":
+        pytest.skip("describes XLA's CPU backend")
+    from gradtx.quantization import quantized_state
+    shape = (512, 512)
+    text = donated_step_text(quantized_state(gradtx.lamb(1e-3)), shape)
+    assert len(full_size_temporaries(text, shape)) == 1
+
+
 def test_computed_once_is_the_identity_bit_for_bit():
     x = jnp.array([1.5, -0.0, 0.0, jnp.inf, -jnp.inf, jnp.nan, 1e-45, -3.4e38], jnp.float32)
     for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
