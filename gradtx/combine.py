@@ -107,8 +107,8 @@ def _run_in_order(transforms, updates, states, params, extra):
     and a function ``(updates, new_state, params) -> updates`` (or ``None``), and a norm-taking
     member ``_update_from(updates, recomputed, state, params)``.
     """
-    replay = params is not None and not extra.get(NO_REPLAY, False)
-    stop = _replay_stop(transforms) if replay else None
+    may_replay = params is not None and not extra.get(NO_REPLAY, False)
+    stop = _replay_stop(transforms) if may_replay else None
     grads, new_states, replays = updates, [], []
     for i, (tx, state) in enumerate(zip(transforms, states)):
         if stop is not None and i < stop:
@@ -116,8 +116,8 @@ def _run_in_order(transforms, updates, states, params, extra):
             replays.append(replay)
         elif i == stop and all(r is not None for r in replays):
             recomputed, prior, p = numerics.unshared((grads, tuple(new_states), params))
-            for replay, s in zip(replays, prior):
-                recomputed = replay(recomputed, s, p)
+            for replay, prior_state in zip(replays, prior):
+                recomputed = replay(recomputed, prior_state, p)
             updates, state = tx._update_from(updates, recomputed, state, params, **extra)
         else:
             updates, state = call_update(tx, updates, state, params, extra)
