@@ -19,7 +19,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import gradtx  # noqa: E402
-from exact_checks import donated_step_text, full_size_temporaries  # noqa: E402
+from exact_checks import compiled_step_text, donated_step_text, full_size_temporaries  # noqa: E402
 from optimizer_registry import ENTRIES, ENTRY_IDS, PROBLEMS, REPR_NAMESPACE  # noqa: E402
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -393,6 +393,21 @@ def test_donated_cpu_step_writes_only_the_expected_temporaries(entry):
     text = donated_step_text(entry.make(), _MATRIX, jnp.float32)
     found = full_size_temporaries(text, _MATRIX)
     assert len(found) == entry.cpu_step_temporaries, "\n".join(found)
+
+
+@by_entry
+def test_equal_shaped_leaves_share_no_temporary(entry):
+    # Two leaves of one shape: XLA merges equal instructions across them, e.g. the broadcast of a
+    # scalar that both leaves' reductions use, and a merged broadcast that feeds two reductions is
+    # materialised (Adafactor's ε₁ did; the LAMB norms' scalars would). Each leaf may only have
+    # its own expected temporaries.
+    if jax.default_backend() != "cpu":
+        pytest.skip("the expected counts describe XLA's CPU backend")
+    params = {"a": jnp.full(_MATRIX, 0.5), "b": jnp.full(_MATRIX, -0.25)}
+    grads = {"a": jnp.full(_MATRIX, 0.01), "b": jnp.full(_MATRIX, 0.02)}
+    text = compiled_step_text(entry.make(), params, grads)
+    found = full_size_temporaries(text, _MATRIX)
+    assert len(found) == 2 * entry.cpu_step_temporaries, "\n".join(found)
 
 
 @by_entry

@@ -202,7 +202,10 @@ class scale_by_factored_rms(Transform):
                 inputs = (g, v_new, tiny)
             else:
                 i, j = axes
-                row_new = b * _load(row, rd) + w * jnp.mean(_sq_plus(g, eps), axis=j)
+                # each reduction reads G and ε₁ through its own barrier tuple (ε₁ first for the
+                # rows): a broadcast of ε₁ shared by equal-shaped leaves would be materialised
+                row_sq = _sq_plus(*reversed(numerics.unshared((eps, g))))
+                row_new = b * _load(row, rd) + w * jnp.mean(row_sq, axis=j)
                 col_sq = _sq_plus(*numerics.unshared((g, eps)))
                 col_new = b * _load(col, rd) + w * jnp.mean(col_sq, axis=i)
                 r = jnp.maximum(row_new, tiny)

@@ -144,7 +144,7 @@ class scale_by_trust_ratio(Transform):
                 if recomputed:
                     u_own, (p_own, wd_own) = recomputed[0], numerics.unshared((p, wd))
                 else:
-                    u_own, p_own, wd_own = *numerics.unshared((u, p)), wd
+                    u_own, p_own, wd_own = numerics.unshared((u, p, wd))
                 g_c = numerics.as_compute(u_own) - cast(wd_own).astype(ct) * p_own.astype(ct)
                 g_norm = jnp.maximum(cast(leaf_norm(g_c)), cast(min_norm))
                 denom_norm = g_norm + cast(wd) * p_norm
