@@ -31,7 +31,7 @@ from jax.flatten_util import ravel_pytree
 
 import gradtx
 from benchmarks import report
-from benchmarks.timing import JaxStep, fresh_copy, measure
+from benchmarks.timing import JaxStep, measure, own_params_and_state
 from benchmarks.trees import tree_nbytes
 
 LR, WD = 1e-3, 1e-4
@@ -63,8 +63,7 @@ def candidates(n: int, libraries: dict, log):
     for lib, (make, apply_updates) in libraries.items():
         for layout, (p0, layout_loss) in layouts.items():
             tx = make()
-            p = fresh_copy(p0)
-            state = fresh_copy(jax.jit(tx.init)(p))
+            p, state = own_params_and_state(tx, p0)
             label = f"{lib} {layout}"
             log(f"  compiling {label}")
             c = JaxStep(label, lib, train_step(tx, apply_updates, layout_loss), (p, state),

@@ -131,12 +131,18 @@ def make_optimizer_step(tx, apply_updates: Callable) -> Callable:
     return step
 
 
+def own_params_and_state(tx, params):
+    """A fresh copy of ``params`` and ``tx``'s state for it, neither sharing a buffer with anything
+    (both are donated to the step)."""
+    p = fresh_copy(params)
+    return p, fresh_copy(jax.jit(tx.init)(p))
+
+
 class OptimizerStep(JaxStep):
     """A gradtx or Optax optimizer on its own copy of ``params`` (grads are shared, read-only)."""
 
     def __init__(self, label: str, kind: str, tx, apply_updates: Callable, params, grads):
-        p = fresh_copy(params)
-        state = fresh_copy(jax.jit(tx.init)(p))
+        p, state = own_params_and_state(tx, params)
         super().__init__(label, kind, make_optimizer_step(tx, apply_updates), (p, state, grads),
                          n_donated=2, state_bytes=tree_nbytes(state))
 
