@@ -30,10 +30,19 @@ from exact_checks import (array_copies, compiled_step_text, donated_step_text,  
 SHAPES = {"w": (33, 17), "b": (17,), "k": (3, 4, 5), "s": ()}
 
 
-def _tree(key, dtype, scale=1.0):
-    keys = jax.random.split(key, len(SHAPES))
+def _tree(key, dtype, scale=1.0, shapes=SHAPES):
+    keys = jax.random.split(key, len(shapes))
     return {name: (scale * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
-            for k, (name, shape) in zip(keys, SHAPES.items())}
+            for k, (name, shape) in zip(keys, shapes.items())}
+
+
+def _step_grads(i, dtype, shapes=SHAPES):
+    """The gradients of step ``i`` of the six-step checks: scale ``10**(i-3)`` (1e-3 to 1e2), and
+    at step 4 a NaN and an inf in ``w`` (non-finite gradients must propagate identically)."""
+    g = _tree(jax.random.PRNGKey(i + 1), dtype, scale=10.0 ** (i - 3), shapes=shapes)
+    if i == 4:
+        g["w"] = g["w"].at[0, 0].set(jnp.nan).at[1, 1].set(jnp.inf)
+    return g
 
 
 def _bits(x):
@@ -58,9 +67,7 @@ def _assert_steps_bit_identical(tx, fast, ref, dtype):
     params = _tree(jax.random.PRNGKey(0), dtype)
     state_f = state_r = tx.init(params)
     for i in range(6):
-        g = _tree(jax.random.PRNGKey(i + 1), dtype, scale=10.0 ** (i - 3))
-        if i == 4:   # non-finite gradients propagate identically
-            g["w"] = g["w"].at[0, 0].set(jnp.nan).at[1, 1].set(jnp.inf)
+        g = _step_grads(i, dtype)
         u_f, state_f = fast(g, state_f)
         u_r, state_r = ref(g, state_r)
         _assert_bit_identical(u_f, u_r)
@@ -265,16 +272,10 @@ _FALLBACK_CHAINS = {
 _MIXED = {"w": (256, 300), "b": (300,), "k": (3, 4, 5), "s": ()}
 
 
-def _mixed_tree(key, dtype, scale=1.0):
-    keys = jax.random.split(key, len(_MIXED))
-    return {name: (scale * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
-            for k, (name, shape) in zip(keys, _MIXED.items())}
-
-
 def _run_steps(tx, dtype, jit: bool):
     """Six steps (gradients from 1e-3 to 1e2 in scale, one with a NaN and an inf): the
     parameters after each step and the final state's leaves."""
-    params = _mixed_tree(jax.random.PRNGKey(0), dtype)
+    params = _tree(jax.random.PRNGKey(0), dtype, shapes=_MIXED)
     state = tx.init(params)
 
     def step(p, s, g):
@@ -284,9 +285,8 @@ def _run_steps(tx, dtype, jit: bool):
     step = jax.jit(step) if jit else step
     trajectory = []
     for i in range(6):
-        g = _mixed_tree(jax.random.PRNGKey(i + 1), dtype, scale=10.0 ** (i - 3))
+        g = _step_grads(i, dtype, _MIXED)
         if i == 4:
-            g["w"] = g["w"].at[0, 0].set(jnp.nan).at[1, 1].set(jnp.inf)
             g["k"] = g["k"].at[0, 0, 0].set(jnp.inf)
         params, state = step(params, state, g)
         trajectory.append(params)
@@ -334,12 +334,6 @@ def test_named_chain_replays_like_chain():
 _EQUAL_SHAPES = {"a": (256, 256), "b": (256, 256), "c": (128, 512), "v": (512,)}
 
 
-def _equal_shaped_tree(key, scale):
-    keys = jax.random.split(key, len(_EQUAL_SHAPES))
-    return {n: scale * jax.random.normal(k, s, jnp.float32) for k, (n, s) in
-            zip(keys, _EQUAL_SHAPES.items())}
-
-
 @pytest.mark.parametrize("name", sorted(_REPLAYED_CHAINS))
 def test_replayed_trust_ratio_step_writes_no_temporary(name):
     # LAMB's direction feeds the norm and the parameter update; recomputed for the norm from the
@@ -348,8 +342,8 @@ def test_replayed_trust_ratio_step_writes_no_temporary(name):
     # scalars through a per-leaf barrier). The nested chain shows the detector sees the direction.
     if jax.default_backend() != "cpu":
         pytest.skip("describes XLA's CPU backend")
-    params = _equal_shaped_tree(jax.random.PRNGKey(0), 1.0)
-    grads = _equal_shaped_tree(jax.random.PRNGKey(1), 0.01)
+    params = _tree(jax.random.PRNGKey(0), jnp.float32, shapes=_EQUAL_SHAPES)
+    grads = _tree(jax.random.PRNGKey(1), jnp.float32, 0.01, _EQUAL_SHAPES)
     members = _REPLAYED_CHAINS[name]()
     text = compiled_step_text(gradtx.chain(*members), params, grads)
     matrices = [(256, 256), (128, 512)]
