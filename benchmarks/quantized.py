@@ -6,7 +6,8 @@
 
 For each of Adam, AdamW, Lion, LAMB and SGD with momentum, the same optimizer (same
 hyperparameters, same initial parameters, same batches) is run with float32 state and wrapped in
-:func:`gradtx.quantized_state` with ``rounding="nearest"`` and ``rounding="stochastic"``:
+:func:`gradtx.quantized_state` with ``rounding="nearest"`` and ``rounding="stochastic"``, each with
+the default dynamic map and with ``code_map="float8"`` ("8-bit float8 ..." rows):
 
 * **digits**: the MLP classifier of ``examples/_common.py`` (64 -> 128 -> 128 -> 10 with LayerNorm;
   its two big matrices are quantized, the 1,280-element head and the vectors are not) on the
@@ -49,14 +50,16 @@ _EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 if _EXAMPLES not in sys.path:
     sys.path.insert(0, _EXAMPLES)
 
-VARIANTS = ("float32", "8-bit nearest", "8-bit stochastic")
+VARIANTS = ("float32", "8-bit nearest", "8-bit stochastic", "8-bit float8 nearest",
+            "8-bit float8 stochastic")
 OPTIMIZERS = ("adam", "adamw", "lion", "lamb", "sgd_momentum")
 
 
 def wrap(tx, variant: str):
     if variant == "float32":
         return tx
-    return gradtx.quantized_state(tx, rounding=variant.split()[-1])
+    code_map = "float8" if "float8" in variant else "dynamic"
+    return gradtx.quantized_state(tx, rounding=variant.split()[-1], code_map=code_map)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +176,7 @@ def accuracy_rows(task, optimizers, log):
             row["bytes_ratio"] = row["bytes"] / base["bytes"]
             row["time_ratio"] = seconds / base["seconds"]
             rows.append(row)
-            log(f"  {task['name']:8s} {name:13s} {variant:17s} final {final:.4f} "
+            log(f"  {task['name']:8s} {name:13s} {variant:24s} final {final:.4f} "
                 f"(x{row['loss_ratio']:.3f})  held-out {held:.4f}  {seconds:.1f}s")
     return rows
 
@@ -202,7 +205,7 @@ def speed_rows(side: int, reps: int, optimizers, log):
             rows.append(dict(optimizer=name, variant=c.label, ms=t.median_s * 1e3, n=t.n,
                              ratio=t.median_s / base, state_bytes=c.state_bytes,
                              temp_bytes=info.temp_bytes, copies=info.hlo_copies))
-            log(f"  step {name:13s} {c.label:17s} {t.median_s * 1e3:8.1f} ms "
+            log(f"  step {name:13s} {c.label:24s} {t.median_s * 1e3:8.1f} ms "
                 f"(x{t.median_s / base:.2f}, {t.n} rounds)  temp {info.temp_bytes / 2**20:.0f} MiB")
         for c in cands:
             c.release()
@@ -235,7 +238,7 @@ def markdown(acc_rows, speed, n_params, command, elapsed, load_before, load_afte
             "stay float32 (biases, norms, the digits head) and the optimizers' counters.", "",
             f"## Step time on a {n_params / 1e6:.1f}M-parameter tree", "",
             "One square float32 matrix; `update` + `apply_updates` jitted with params and state "
-            "donated; the three variants of each optimizer timed in interleaved rounds (median). "
+            "donated; the variants of each optimizer timed in interleaved rounds (median). "
             "*temp* = XLA's temporary buffers for the step "
             "(`memory_analysis().temp_size_in_bytes`).",
             "", "| optimizer | state | step ms | ratio | rounds | state MiB | state ratio | "

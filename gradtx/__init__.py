@@ -39,7 +39,7 @@ from gradtx.porting import from_torch
 from gradtx.fastpath import FlattenState, flatten
 from gradtx.compiler import compiler_options, xla_flags
 from gradtx.quantization import (DEFAULT_UNSIGNED_FIELDS, QuantizedArray, QuantizedState,
-                                 dequantize_blockwise, dynamic_map, quantize_blockwise,
+                                 dequantize_blockwise, dynamic_map, float8_map, quantize_blockwise,
                                  quantized_state)
 from gradtx.precision import (DynamicLossScaleState, MasterWeightsState, NoMasterCopy,
                               StochasticRoundingState, dynamic_loss_scale, loss_scale,

@@ -299,6 +299,12 @@ def test_hashable_equal_repr_and_validation():
         quantized_state(3.0)
 
 
+def dequantized(tree):
+    """``tree`` with every :class:`QuantizedArray` replaced by the array it stands for."""
+    is_q = lambda x: isinstance(x, QuantizedArray)  # noqa: E731
+    return jax.tree.map(lambda x: dequantize_blockwise(x) if is_q(x) else x, tree, is_leaf=is_q)
+
+
 @pytest.mark.parametrize("rounding,gaps", [("nearest", 0.5), ("stochastic", 1.0)])
 def test_matches_plain_update_within_quantisation_error(rounding, gaps):
     # one step from a quantized state equals the inner update from the dequantized state exactly
@@ -308,9 +314,7 @@ def test_matches_plain_update_within_quantisation_error(rounding, gaps):
     g1 = jax.tree.map(lambda p: jnp.sin(p * 7.0), params)
     g2 = jax.tree.map(lambda p: jnp.cos(p * 5.0), params)
     _, s = tx.update(g1, tx.init(params), params)
-    is_q = lambda x: isinstance(x, QuantizedArray)  # noqa: E731
-    deq = jax.tree.map(lambda x: dequantize_blockwise(x) if is_q(x) else x, s.inner_state,
-                       is_leaf=is_q)
+    deq = dequantized(s.inner_state)
     u_q, _ = tx.update(g2, s, params)
     u_ref, _ = inner.update(g2, deq, params)
     for a, b in zip(jax.tree.leaves(u_q), jax.tree.leaves(u_ref)):
@@ -843,21 +847,23 @@ def test_init_warns_when_many_arrays_would_be_quantized(monkeypatch):
         gradtx.flatten(tx).init(many)
 
 
+@pytest.mark.parametrize("code_map", ["dynamic", "float8"])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_flattened_quantized_state_is_quantized_state_of_the_concatenation(rounding):
+def test_flattened_quantized_state_is_quantized_state_of_the_concatenation(rounding, code_map):
     # flatten(quantized_state(adamw)) keeps one quantized buffer per dtype and computes exactly
     # what quantized_state(adamw) computes on the concatenated parameters
     keys = jax.random.split(jax.random.key(3), 8)
     shapes = [(64, 64), (300,), (32, 130), (4096,)]
     params = {f"p{i}": jax.random.normal(k, s) for i, (k, s) in enumerate(zip(keys, shapes))}
     inner = gradtx.adamw(1e-2, weight_decay=1e-2)
-    tx = gradtx.flatten(quantized_state(inner, rounding=rounding))
-    ref = quantized_state(inner, rounding=rounding)
+    tx = gradtx.flatten(quantized_state(inner, rounding=rounding, code_map=code_map))
+    ref = quantized_state(inner, rounding=rounding, code_map=code_map)
     leaves = jax.tree.leaves(params)
     flat_p = {"float32": jnp.concatenate([x.ravel() for x in leaves])}
     state, ref_state = tx.init(params), ref.init(flat_p)
     mu = state.inner_state.inner_state[0].mu["float32"]
     assert isinstance(mu, QuantizedArray) and mu.shape == (sum(x.size for x in leaves),)
+    assert mu.code_map == code_map
     step = jax.jit(tx.update)
     ref_step = jax.jit(ref.update)
     for t in range(3):
