@@ -778,10 +778,10 @@ class quantized_state(Transform):
     further down). ``"float8"``: an 8-bit float with 3 mantissa bits (:func:`float8_map`: a
     6.7-12.5% gap between neighbours at every scale, 4.7 decades below the absmax signed, 9.5
     unsigned), whose encoder and decoder are a few integer operations instead of the dynamic
-    map's comparisons and selects: on the 2-core CPU it makes the 8-bit step 2.0-2.4x float32's
-    for AdamW instead of 4.2-5.1x, 1.5-1.8x for SGD momentum, and 8-bit Lion faster than float32
-    Lion (``benchmarks/RESULTS-quantized.md``). Both keep the examples' final loss within 2% of
-    float32 state with the default stochastic rounding.
+    map's comparisons and selects: on the 2-core CPU the 8-bit step takes about 2x float32's for
+    Adam/AdamW instead of 4-5x, 1.4-1.8x for SGD momentum instead of 3.7x, and 8-bit Lion is
+    faster than float32 Lion (``benchmarks/RESULTS-quantized.md``). Both maps keep the
+    examples' final loss within 2% of float32 state with the default stochastic rounding.
 
     **Rounding** (``rounding``, default ``"stochastic"``). ``"nearest"`` stores the code nearest
     to each new value. ``"stochastic"`` rounds up or down at random with the probabilities that
