@@ -135,6 +135,14 @@ SPECS = {
         max_leaves_reason="XLA compiles each quantized leaf separately (~0.14 s and ~12 MB of "
         "compiler memory per leaf; 1,000 leaves exhausted 24 GB); adamw_8bit_flat is the "
         "many-leaf variant"),
+    "adamw_8bit_float8": OptimizerSpec(
+        "adamw_8bit_float8", "adamw_8bit with code_map='float8' (an 8-bit float: integer-op "
+        "encoder and decoder); Optax has no equivalent", "quantized_state",
+        lambda gt: gt.quantized_state(gt.adamw(LR, weight_decay=1e-4), code_map="float8"), None,
+        elementwise_traffic(2, (U8, U8)), max_leaves=400,
+        max_leaves_reason="XLA compiles each quantized leaf separately (about half the dynamic "
+        "map's compile time and memory, still superlinear); adamw_8bit_flat is the many-leaf "
+        "variant"),
     "adamw_8bit_flat": OptimizerSpec(
         "adamw_8bit_flat", "adamw_8bit through gradtx.flatten: one quantized buffer per dtype "
         "(blocks may span leaf boundaries); Optax has no equivalent", "flatten",
@@ -159,4 +167,4 @@ SPECS = {
 
 # Grouped by traffic so that consecutive optimizers reuse the compiled floor.
 DEFAULT_ORDER = ("sgd_nesterov", "lion", "adam", "adamw", "lamb", "adabelief", "adamw_bf16mu",
-                 "adamw_8bit", "adafactor")
+                 "adamw_8bit", "adamw_8bit_float8", "adafactor")

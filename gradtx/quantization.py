@@ -697,6 +697,9 @@ def dequantize_blockwise(q: QuantizedArray) -> jax.Array:
 
 # quantized_state.init warns from this many quantized state arrays on (compile time, see init)
 _MANY_QUANTIZED_ARRAYS = 1000
+_FLOAT8_COMPILES = (" code_map='float8' compiles about 3x faster in a third of the memory (AdamW "
+                    "over 300 leaves of 64x64 with nearest rounding: 12.7 s and 0.9 GB against "
+                    "36.9 s and 2.9 GB).")
 
 
 def _is_quantized(x) -> bool:
@@ -925,7 +928,8 @@ class quantized_state(Transform):
                 f"step). For an elementwise inner "
                 f"optimizer (Adam, AdamW, Lion, SGD momentum) wrap the whole thing in "
                 f"gradtx.flatten(...), which quantizes one buffer per dtype, or raise "
-                f"min_size={self.min_size} to keep small leaves in float32. See "
+                f"min_size={self.min_size} to keep small leaves in float32."
+                f"{_FLOAT8_COMPILES if self.code_map == 'dynamic' else ''} See "
                 f"docs/quantization.md, 'Compile time and many leaves'.", stacklevel=2)
         return QuantizedState(numerics.init_count(), stored)
 

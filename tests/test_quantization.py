@@ -840,8 +840,12 @@ def test_init_warns_when_many_arrays_would_be_quantized(monkeypatch):
         warnings.simplefilter("error")
         tx.init(few)
         tx.init(small)
-    with pytest.warns(UserWarning, match=r"6 state arrays are quantized one by one.*gradtx\.flatten"):
+    with pytest.warns(UserWarning, match=r"6 state arrays are quantized one by one.*gradtx\.flatten"
+                      r".*code_map='float8' compiles about 3x faster"):
         tx.init(many)
+    with pytest.warns(UserWarning, match="quantized one by one") as caught:
+        quantized_state(gradtx.adamw(1e-3), code_map="float8").init(many)
+    assert "code_map='float8' compiles" not in str(caught[0].message)   # already float8
     with warnings.catch_warnings():                      # the suggested fix silences it
         warnings.simplefilter("error")
         gradtx.flatten(tx).init(many)
