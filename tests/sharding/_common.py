@@ -66,6 +66,10 @@ def optimizers():
         # elements (tolerance STOCHASTIC_TOL); nearest rounding flips only at exact midpoints
         "adamw-8bit-nearest": gradtx.quantized_state(gradtx.adamw(1e-2, weight_decay=1e-2),
                                                      min_size=256, rounding="nearest"),
+        # the float8 code map: the same blocks and arrays, other codes
+        "adamw-8bit-float8": gradtx.quantized_state(gradtx.adamw(1e-2, weight_decay=1e-2),
+                                                    min_size=256, rounding="nearest",
+                                                    code_map="float8"),
     }
 
 

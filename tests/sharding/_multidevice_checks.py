@@ -95,6 +95,7 @@ MATRIX["adamw"] += ("zero1", "explicit-zero2", "explicit-fsdp")
 MATRIX["adafactor"] += ("explicit-zero2", "explicit-fsdp")
 MATRIX["adamw-8bit"] = ("data-parallel", "fsdp", "2d", "zero2")
 MATRIX["adamw-8bit-nearest"] = ("data-parallel", "fsdp", "2d", "zero2")
+MATRIX["adamw-8bit-float8"] = ("fsdp", "zero2")
 
 report = {}
 for opt_name, tx in optimizers().items():
