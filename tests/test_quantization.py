@@ -329,16 +329,18 @@ def test_matches_plain_update_within_quantisation_error(rounding, gaps):
         assert np.all(np.abs(m - m_ref.reshape(-1, 256)) <= (gap + 1e-6) * absmax)
 
 
-def test_bf16_params_and_state_dtype_kept():
+@pytest.mark.parametrize("code_map", ["dynamic", "float8"])
+def test_bf16_params_and_state_dtype_kept(code_map):
     params = {"w": jnp.ones((64, 96), jnp.bfloat16)}
-    tx = quantized_state(gradtx.adam(1e-2))
+    tx = quantized_state(gradtx.adam(1e-2), code_map=code_map)
     state = tx.init(params)
     adam = state.inner_state[0]
     assert isinstance(adam.mu["w"], QuantizedArray) and not adam.nu["w"].signed
-    assert adam.mu["w"].dtype == "bfloat16"
+    assert adam.mu["w"].dtype == "bfloat16" and adam.mu["w"].code_map == code_map
     u, state2 = jax.jit(tx.update)({"w": jnp.ones((64, 96), jnp.bfloat16)}, state, params)
     assert u["w"].dtype == jnp.bfloat16
     assert jax.tree.structure(state2) == jax.tree.structure(state)
+    assert state2.inner_state[0].mu["w"].code_map == code_map     # kept through update
     np.testing.assert_allclose(np.asarray(u["w"], np.float32), -1e-2, rtol=2e-2)
 
 
