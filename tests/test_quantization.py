@@ -683,11 +683,14 @@ from hypothesis import strategies as st  # noqa: E402
 @settings(max_examples=10, deadline=None)
 @given(sizes=st.lists(st.sampled_from([(3,), (40, 7), (300,), (17, 33), (4, 8, 9)]),
                       min_size=1, max_size=4),
-       seed=st.integers(0, 2 ** 16), rounding=st.sampled_from(["nearest", "stochastic"]))
-def test_random_trees_match_plain_within_tolerance(sizes, seed, rounding):
+       seed=st.integers(0, 2 ** 16), rounding=st.sampled_from(["nearest", "stochastic"]),
+       code_map=st.sampled_from(["dynamic", "float8"]))
+def test_random_trees_match_plain_within_tolerance(sizes, seed, rounding, code_map):
     # SGD with momentum is linear in its state: after two steps the quantized update differs from
-    # the plain one by lr * mu * (error of the stored trace) <= lr * mu * gap * absmax of the block
-    # (gap: half the largest code spacing for nearest, the full spacing for stochastic)
+    # the plain one by lr * mu * (error of the stored trace, the first gradient). Dynamic map:
+    # <= gap * absmax of the block (gap: half the largest code spacing for nearest, the full
+    # spacing for stochastic). Float8 map: relative, <= |g| / 16 (nearest) or |g| / 8
+    # (stochastic), plus the smallest value s * absmax for elements below it
     rng = np.random.default_rng(seed)
     params = {f"p{i}": jnp.asarray(rng.standard_normal(s).astype(np.float32))
               for i, s in enumerate(sizes)}
@@ -697,7 +700,7 @@ def test_random_trees_match_plain_within_tolerance(sizes, seed, rounding):
                       params)
     lr, mu = 0.1, 0.9
     plain = gradtx.sgd(lr, momentum=mu)
-    tx = quantized_state(plain, min_size=64, block_size=64, rounding=rounding)
+    tx = quantized_state(plain, min_size=64, block_size=64, rounding=rounding, code_map=code_map)
     _, s = _TREE_STEP(tx, g1, tx.init(params), params)
     u_q, _ = _TREE_STEP(tx, g2, s, params)
     sp = plain.init(params)
@@ -711,7 +714,12 @@ def test_random_trees_match_plain_within_tolerance(sizes, seed, rounding):
             continue
         flat = np.concatenate([np.asarray(g).reshape(-1), np.zeros(-g.size % 64, np.float32)])
         absmax = np.repeat(np.abs(flat.reshape(-1, 64)).max(axis=1), 64)[:g.size]
-        bound = lr * mu * (gap + 1e-6) * absmax + 1e-6
+        if code_map == "float8":
+            relative = (1 / 16 if rounding == "nearest" else 1 / 8) + 1e-6
+            error = relative * np.abs(np.asarray(g).reshape(-1)) + 2.0 ** -16 * 1.25 * absmax
+        else:
+            error = (gap + 1e-6) * absmax
+        bound = lr * mu * error + 1e-6
         assert np.all(np.abs(a - b).reshape(-1) <= bound), name
 
 
