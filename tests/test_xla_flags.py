@@ -46,15 +46,17 @@ def test_backend_must_be_named():
 
 def _cases():
     """(name, optimizer, initial params): every registry optimizer on the quadratic problem, and
-    8-bit AdamW (both roundings) on a leaf big enough to be quantized."""
+    8-bit AdamW (both roundings, both code maps) on a leaf big enough to be quantized."""
     for entry in ENTRIES:
         dtype = jnp.bfloat16 if entry.supports_bf16_convergence else jnp.float32
         yield entry.name, entry.make("quadratic"), PROBLEMS["quadratic"].init(dtype)
     params = {"w": jnp.linspace(-1.0, 1.0, 64 * 128, dtype=jnp.float32).reshape(64, 128),
               "b": jnp.full((128,), 0.5, jnp.float32)}
     for rounding in ("nearest", "stochastic"):
-        yield (f"adamw_8bit_{rounding}",
-               quantized_state(gradtx.adamw(1e-2), rounding=rounding), params)
+        for code_map in ("dynamic", "float8"):
+            yield (f"adamw_8bit_{code_map}_{rounding}",
+                   quantized_state(gradtx.adamw(1e-2), rounding=rounding, code_map=code_map),
+                   params)
 
 
 def _multi_output_fusions(hlo_text: str) -> int:

@@ -30,6 +30,8 @@ EXTRA = {
     "flatten_adamw": (lambda: gradtx.flatten(gradtx.adamw(0.05)), jnp.float32),
     "quantized_adamw": (lambda: gradtx.quantized_state(gradtx.adamw(0.05), min_size=1),
                         jnp.float32),
+    "quantized_adamw_float8": (lambda: gradtx.quantized_state(gradtx.adamw(0.05), min_size=1,
+                                                              code_map="float8"), jnp.float32),
     "loss_scaled_sgd": (lambda: gradtx.dynamic_loss_scale(gradtx.sgd(0.05)), jnp.float32),
 }
 CASES = [pytest.param(OPTIMIZERS[n], jnp.float32, id=n) for n in OPTIMIZER_NAMES] + \
