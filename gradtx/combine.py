@@ -213,11 +213,11 @@ class named_chain(Transform):
         return {name: tx.init(params) for name, tx in self.transforms}
 
     def update(self, updates, state, params=None, **extra):
-        for name, _ in self.transforms:
+        names = [name for name, _ in self.transforms]
+        for name in names:
             if name not in state:
                 raise TreeMismatchError(f"named_chain: the state has no entry {name!r}; it has "
                                         f"{sorted(state)}.")
-        names = [name for name, _ in self.transforms]
         updates, new_states = _run_in_order([tx for _, tx in self.transforms], updates,
                                             [state[name] for name in names], params, extra)
         return updates, dict(zip(names, new_states))

@@ -685,12 +685,13 @@ def dequantize_blockwise(q: QuantizedArray) -> jax.Array:
     """
     if q.code_map == "float8":
         values = _float8_values(q.codes, q.signed)
-    elif q.signed:
-        codes = q.codes.astype(jnp.int32)
-        values = _magnitude_value(jnp.abs(codes - 127), True)
-        values = jnp.where(codes >= 127, values, -values)
     else:
-        values = _magnitude_value(q.codes.astype(jnp.int32), False)
+        codes = q.codes.astype(jnp.int32)
+        if q.signed:
+            values = _magnitude_value(jnp.abs(codes - 127), True)
+            values = jnp.where(codes >= 127, values, -values)
+        else:
+            values = _magnitude_value(codes, False)
     values = values * q.absmax.astype(jnp.float32)[:, None]
     n = q.size
     return values.reshape(-1)[:n].reshape(q.shape).astype(q.dtype)

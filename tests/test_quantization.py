@@ -13,8 +13,8 @@ import gradtx
 from gradtx.quantization import (_CONSTANTS, _MAPS, _MIDPOINTS, DEFAULT_UNSIGNED_FIELDS,
                                  QuantizedArray, QuantizedState, _block_absmax, _key_words,
                                  _nearest_codes, _stochastic_codes, _uniforms,
-                                 dequantize_blockwise, dynamic_map, quantize_blockwise,
-                                 quantized_state)
+                                 dequantize_blockwise, dynamic_map, float8_map,
+                                 quantize_blockwise, quantized_state)
 
 
 def _half_gap(signed):
@@ -716,7 +716,8 @@ def test_random_trees_match_plain_within_tolerance(sizes, seed, rounding, code_m
         absmax = np.repeat(np.abs(flat.reshape(-1, 64)).max(axis=1), 64)[:g.size]
         if code_map == "float8":
             relative = (1 / 16 if rounding == "nearest" else 1 / 8) + 1e-6
-            error = relative * np.abs(np.asarray(g).reshape(-1)) + 2.0 ** -16 * 1.25 * absmax
+            smallest = float(float8_map(True)[1])
+            error = relative * np.abs(np.asarray(g).reshape(-1)) + smallest * absmax
         else:
             error = (gap + 1e-6) * absmax
         bound = lr * mu * error + 1e-6

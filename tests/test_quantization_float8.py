@@ -198,8 +198,9 @@ def test_stochastic_rounding_is_deterministic_per_key_and_exact_on_map_values():
     np.testing.assert_array_equal(np.asarray(dequantize_blockwise(q)), float8_map(True))
 
 
-def test_stochastic_bits_use_the_top_twenty_bits_of_the_hash():
-    # the rounding threshold comes from the hash: halfway between two codes about half go up
+def test_top_twenty_random_bits_are_uniform():
+    # the stochastic encoder adds the hash's top 20 bits: halfway between two codes about half
+    # of the elements must round up
     words = _key_words(jax.random.key(0))
     bits = np.asarray(_random_bits(words, (4, 1024))) >> 12
     assert bits.max() < 2 ** 20 and 0.45 < (bits >= 2 ** 19).mean() < 0.55
