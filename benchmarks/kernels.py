@@ -229,7 +229,10 @@ def _parse_args(argv):
     p.add_argument("--compiler-options", action="store_true",
                    help="compile with gradtx.compiler_options() (region-analysis copy insertion)")
     p.add_argument("--steps", type=int, default=10, help="profiled steps (default 10)")
-    p.add_argument("--reps", type=int, default=20, help="timed steps without profiler (default 20)")
+    p.add_argument("--reps", type=int, default=20,
+                   help="timed steps without the profiler, half before and half after it "
+                        "(default 20)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     p.add_argument("--top", type=int, default=20, help="rows to show (default 20; 0: all)")
     p.add_argument("--json", metavar="FILE", help="also write the kernels as JSON")
     return p.parse_args(argv)
@@ -265,14 +268,19 @@ def main(argv=None) -> int:
         state[0], state[1] = compiled(state[0], state[1], grads)
         jax.block_until_ready(state[0])
 
-    for _ in range(3):
+    def timed(n):
+        out = []
+        for _ in range(n):
+            t = time.perf_counter()
+            step()
+            out.append(time.perf_counter() - t)
+        return out
+
+    for _ in range(args.warmup):
         step()
-    walls = []
-    for _ in range(args.reps):
-        t = time.perf_counter()
-        step()
-        walls.append(time.perf_counter() - t)
+    walls = timed(args.reps - args.reps // 2)
     profile = profile_step(step, args.steps)
+    walls += timed(args.reps // 2)
     attach_times(kernels, profile)
     windows = [(hi - lo) * 1e-9 for lo, hi in profile["steps"]]
     who = "Optax" if args.optax else "gradtx"
