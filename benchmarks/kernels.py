@@ -41,7 +41,6 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 
 # instructions that are not kernels: they name, slice or bundle buffers without launching work
 _NOT_KERNELS = frozenset({"parameter", "constant", "bitcast", "get-tuple-element", "tuple",
