@@ -38,7 +38,6 @@ import re
 import statistics
 import sys
 import tempfile
-import time
 
 import jax
 
@@ -128,7 +127,7 @@ def entry_kernels(hlo_text: str) -> list[Kernel]:
 
 def profile_step(step, n_steps: int) -> dict:
     """Run ``step()`` ``n_steps`` times under ``jax.profiler``; the events of the run, by name,
-    and the steps' start times (ns, profiler clock), for :func:`attach_times`."""
+    and each step's ``(start, end)`` window (ns, profiler clock), for :func:`attach_times`."""
     with tempfile.TemporaryDirectory(prefix="gradtx-kernels-") as logdir:
         jax.profiler.start_trace(logdir)
         try:
@@ -241,7 +240,7 @@ def main(argv=None) -> int:
     args = _parse_args(argv)
     import gradtx
     from benchmarks import suite, trees
-    from benchmarks.timing import make_optimizer_step, own_params_and_state
+    from benchmarks.timing import OptimizerStep, time_once
 
     spec = suite.SPECS[args.optimizer]
     if args.optax:
@@ -255,34 +254,18 @@ def main(argv=None) -> int:
     shape_tree = trees.ALL_TREES[args.tree].shape_tree()
     params = trees.materialize(shape_tree, seed=0, scale=0.02)
     grads = trees.materialize(shape_tree, seed=1, scale=0.01)
+    who = "Optax" if args.optax else "gradtx"
     options = gradtx.compiler_options() if args.compiler_options else None
-    fn = jax.jit(make_optimizer_step(tx, apply_updates), donate_argnums=(0, 1),
-                 compiler_options=options)
-    p, s = own_params_and_state(tx, params)
-    compiled = fn.lower(p, s, grads).compile()
-    kernels = entry_kernels(compiled.as_text())
-    state = [p, s]
-
-    def step():
-        state[0], state[1] = compiled(state[0], state[1], grads)
-        jax.block_until_ready(state[0])
-
-    def timed(n):
-        out = []
-        for _ in range(n):
-            t = time.perf_counter()
-            step()
-            out.append(time.perf_counter() - t)
-        return out
-
+    candidate = OptimizerStep(args.optimizer, who, tx, apply_updates, params, grads,
+                              compiler_options=options)
+    kernels = entry_kernels(candidate.compiled.as_text())
     for _ in range(args.warmup):
-        step()
-    walls = timed(args.reps - args.reps // 2)
-    profile = profile_step(step, args.steps)
-    walls += timed(args.reps // 2)
+        candidate.step()
+    walls = [time_once(candidate.step) for _ in range(args.reps - args.reps // 2)]
+    profile = profile_step(candidate.step, args.steps)
+    walls += [time_once(candidate.step) for _ in range(args.reps // 2)]
     attach_times(kernels, profile)
     windows = [(hi - lo) * 1e-9 for lo, hi in profile["steps"]]
-    who = "Optax" if args.optax else "gradtx"
     extra = ", compiler_options()" if args.compiler_options else ""
     print(f"## {who} {args.optimizer} on {args.tree} ({jax.default_backend()}{extra})\n")
     print(table(kernels, statistics.median(walls), top=args.top or None,

@@ -43,8 +43,10 @@ _COPY = re.compile(r"=\s*\S+\s+copy\(")
 _FUSION = re.compile(r"=\s*\S+\s+fusion\(")
 
 
-def compile_timed(fn: Callable, args: tuple, donate_argnums=(), count_hlo: bool = True):
-    """AOT-compile ``jax.jit(fn)`` for ``args``, timing trace, lower and compile separately.
+def compile_timed(fn: Callable, args: tuple, donate_argnums=(), count_hlo: bool = True,
+                  compiler_options: dict | None = None):
+    """AOT-compile ``jax.jit(fn)`` for ``args`` (with ``compiler_options``, e.g.
+    :func:`gradtx.compiler_options`), timing trace, lower and compile separately.
 
     Returns ``(compiled, CompileInfo)``. The memory figures come from XLA's
     ``compiled.memory_analysis()``: ``argument``/``output`` are the buffers passed in and out,
@@ -53,7 +55,7 @@ def compile_timed(fn: Callable, args: tuple, donate_argnums=(), count_hlo: bool 
     ``argument + output - alias + temp``. ``hlo_copies``/``hlo_fusions`` count ``copy`` and
     ``fusion`` instructions in the optimized HLO (copies of donated buffers cost a full pass).
     """
-    jitted = jax.jit(fn, donate_argnums=donate_argnums)
+    jitted = jax.jit(fn, donate_argnums=donate_argnums, compiler_options=compiler_options)
     t0 = time.perf_counter()
     traced = jitted.trace(*args)
     t1 = time.perf_counter()
@@ -103,11 +105,11 @@ class JaxStep(Candidate):
     """``args = fn(*args)``-style candidate: the outputs replace the donated leading arguments."""
 
     def __init__(self, label: str, kind: str, fn: Callable, args: tuple, n_donated: int,
-                 state_bytes: int | None = None):
+                 state_bytes: int | None = None, compiler_options: dict | None = None):
         self.label, self.kind = label, kind
         self.n_donated = n_donated
         self.compiled, self.compile_info = compile_timed(
-            fn, args, donate_argnums=tuple(range(n_donated)))
+            fn, args, donate_argnums=tuple(range(n_donated)), compiler_options=compiler_options)
         self.args = list(args)
         self.state_bytes = state_bytes
 
@@ -141,10 +143,12 @@ def own_params_and_state(tx, params):
 class OptimizerStep(JaxStep):
     """A gradtx or Optax optimizer on its own copy of ``params`` (grads are shared, read-only)."""
 
-    def __init__(self, label: str, kind: str, tx, apply_updates: Callable, params, grads):
+    def __init__(self, label: str, kind: str, tx, apply_updates: Callable, params, grads,
+                 compiler_options: dict | None = None):
         p, state = own_params_and_state(tx, params)
         super().__init__(label, kind, make_optimizer_step(tx, apply_updates), (p, state, grads),
-                         n_donated=2, state_bytes=tree_nbytes(state))
+                         n_donated=2, state_bytes=tree_nbytes(state),
+                         compiler_options=compiler_options)
 
     @property
     def params(self):

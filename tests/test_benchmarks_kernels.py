@@ -9,7 +9,7 @@ import pytest
 
 import gradtx
 from benchmarks import kernels
-from benchmarks.timing import make_optimizer_step, own_params_and_state
+from benchmarks.timing import OptimizerStep
 
 _HLO = """HloModule jit_step, is_scheduled=true
 
@@ -75,21 +75,13 @@ def test_attach_times_sums_a_kernels_events_per_step_window():
 def test_a_profiled_adamw_step_times_each_of_its_loops():
     params = {"w": jnp.ones((256, 256))}
     grads = {"w": jnp.full((256, 256), 0.5)}
-    tx = gradtx.adamw(1e-3)
-    p, s = own_params_and_state(tx, params)
-    fn = jax.jit(make_optimizer_step(tx, gradtx.apply_updates), donate_argnums=(0, 1))
-    compiled = fn.lower(p, s, grads).compile()
-    ks = kernels.entry_kernels(compiled.as_text())
+    step = OptimizerStep("adamw", "gradtx", gradtx.adamw(1e-3), gradtx.apply_updates, params,
+                         grads)
+    ks = kernels.entry_kernels(step.compiled.as_text())
     big = [k for k in ks if k.write_bytes == 256 * 256 * 4]
     assert len(big) >= 1 and all(k.read_bytes >= 2 * 256 * 256 * 4 for k in big)
-    box = [p, s]
-
-    def step():
-        box[0], box[1] = compiled(box[0], box[1], grads)
-        jax.block_until_ready(box[0])
-
-    step()
-    profile = kernels.profile_step(step, 3)
+    step.step()
+    profile = kernels.profile_step(step.step, 3)
     assert len(profile["steps"]) == 3
     kernels.attach_times(ks, profile)
     for k in big:                                   # every parameter-sized loop seen each step
@@ -115,3 +107,19 @@ def test_command_line_prints_the_table_and_writes_json(tmp_path, capsys):
     assert data["optimizer"] == "sgd_nesterov" and data["step_median_s"] > 0
     timed = [k for k in data["kernels"] if k["write_bytes"] == 1024 * 1024 * 4]
     assert timed and all(len(k["seconds"]) == 2 for k in timed)
+
+
+def test_optimizer_step_compiles_with_the_given_compiler_options():
+    # --compiler-options reaches XLA: Lion's copy of its donated moment (the old value is read
+    # after the in-place write) goes with region-analysis copy insertion (docs/performance.md)
+    if jax.default_backend() != "cpu":
+        pytest.skip("describes XLA's CPU copy insertion")
+    params = {"w": jnp.ones((256, 256))}
+    grads = {"w": jnp.full((256, 256), 0.5)}
+    copies = {}
+    for label, options in (("default", None), ("options", gradtx.compiler_options("cpu"))):
+        step = OptimizerStep(label, "gradtx", gradtx.lion(1e-4), gradtx.apply_updates, params,
+                             grads, compiler_options=options)
+        copies[label] = sum(k.opcode == "copy" and k.write_bytes == 256 * 256 * 4
+                            for k in kernels.entry_kernels(step.compiled.as_text()))
+    assert copies == {"default": 1, "options": 0}
