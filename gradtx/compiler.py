@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+
 import jax
+import jax.numpy as jnp
 
 __all__ = ["compiler_options", "xla_flags"]
 
@@ -138,3 +143,80 @@ def xla_flags(backend: str) -> str:
         ''
     """
     return " ".join(_FLAGS[_backend_key(backend, "xla_flags", allow_none=False)])
+
+
+# --- Which loop structure the backend's compiler fuses (used by gradtx.tree.map_leaves) ---------
+#
+# A primitive such as Adam computes its new state (m', v') and its update from it. On a backend
+# whose fusion merges a state loop with the loop that consumes its result (producer-consumer
+# multi-output fusion), that is one pass. XLA's CPU backend with multi-output fusion switched on
+# (gradtx.xla_flags("cpu")) only merges *sibling* loops -- loops that read the same arrays -- so
+# the update, which reads m' and v', stays a loop of its own: 10 passes over a leaf's size for
+# AdamW where one loop needs 7. If the update is instead recomputed from the *old* state (through
+# an optimization barrier, so that XLA does not reuse m'), the three loops are siblings and merge
+# into one that reads p, g, m, v and writes p, m, v. Without multi-output fusion the same program
+# would be three loops, the update re-reading the old state after it was overwritten in place, so
+# XLA would copy it first: the recomputation only pays where the compiler merges siblings and not
+# producer-consumer chains. Which is the case is asked of the compiler itself, once per backend per
+# process, by compiling the two structures on a small array (~0.1 s) and counting the loops.
+
+_COMPUTED_STATE = contextvars.ContextVar("gradtx_state_is_computed", default=False)
+_PROBE_SIZE = 4096
+
+
+def _array_loops(hlo_text: str) -> int:
+    """Fusions in the entry computation that write an array of the probe's size."""
+    entry = hlo_text[hlo_text.index("\nENTRY"):]
+    count = 0
+    for line in entry.splitlines():
+        line = line.strip()
+        if line.startswith("%") and " fusion(" in line:
+            result_type = line.split("=", 1)[1].split(" fusion(", 1)[0]
+            count += f"[{_PROBE_SIZE}]" in result_type
+    return count
+
+
+def _probe_consumer(p, m, g):
+    m_new = 0.5 * m + g
+    return p - m_new / (jnp.abs(m_new) + 1.0), m_new
+
+
+def _probe_sibling(p, m, g):
+    m_new = 0.5 * m + g
+    m_again = 0.5 * jax.lax.optimization_barrier(m) + g
+    return p - m_again / (jnp.abs(m_again) + 1.0), m_new
+
+
+@functools.lru_cache(maxsize=None)
+def _merges_siblings_only(backend: str) -> bool:
+    spec = jax.ShapeDtypeStruct((_PROBE_SIZE,), jnp.float32)
+
+    def loops(fn):
+        compiled = jax.jit(fn, donate_argnums=(0, 1), backend=backend) \
+            .lower(spec, spec, spec).compile()
+        return _array_loops(compiled.as_text())
+    try:
+        return loops(_probe_consumer) > 1 and loops(_probe_sibling) == 1
+    except Exception:  # noqa: BLE001 -- a backend without HLO text: keep the plain structure
+        return False
+
+
+def _update_from_old_state() -> bool:
+    """Whether a primitive should compute its update from its old state (see above): the
+    default backend's compiler merges sibling loops only, and the state is not computed by a
+    wrapper (:func:`_state_is_computed`)."""
+    if _COMPUTED_STATE.get():
+        return False
+    return _merges_siblings_only(jax.default_backend())
+
+
+@contextlib.contextmanager
+def _state_is_computed():
+    """Within this context the state a primitive receives is an expression (8-bit codes decoded
+    by :class:`gradtx.quantized_state`), not a buffer of the step: passing it through a barrier
+    would materialise it, so primitives keep the plain structure."""
+    token = _COMPUTED_STATE.set(True)
+    try:
+        yield
+    finally:
+        _COMPUTED_STATE.reset(token)

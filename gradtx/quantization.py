@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradtx import numerics
+from gradtx import compiler, numerics
 from gradtx.base import Transform, option, transform
 from gradtx.combine import NO_REPLAY, MaskedNode, _check_member, call_update
 from gradtx.tree import TreeMismatchError
@@ -945,9 +945,12 @@ class quantized_state(Transform):
         stored, stored_def = jax.tree.flatten(state.inner_state, is_leaf=_is_quantized)
         loaded = [dequantize_blockwise(x) if _is_quantized(x) else x for x in stored]
         inner_state = stored_def.unflatten(loaded)
-        # the inner state is re-encoded below, not stored as returned: no replay (gradtx.chain)
-        updates, new_inner = call_update(self.inner, updates, inner_state, params,
-                                         {**extra, NO_REPLAY: True})
+        # the inner state is re-encoded below, not stored as returned: no replay (gradtx.chain);
+        # and it is decoded here, not a buffer of the step: no update from the old state either
+        # (gradtx.tree.map_leaves; the decoding would be read twice)
+        with compiler._state_is_computed():
+            updates, new_inner = call_update(self.inner, updates, inner_state, params,
+                                             {**extra, NO_REPLAY: True})
         new_leaves, new_def = jax.tree.flatten(new_inner)
         old_def = jax.tree.structure(inner_state)
         if new_def != old_def:

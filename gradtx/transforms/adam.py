@@ -207,7 +207,7 @@ class scale_by_adam(Transform):
         others = (state.mu, state.nu) + ((state.nu_max,) if self.amsgrad else ())
         names = ("mu", "nu") + (("nu_max",) if self.amsgrad else ())
         results = map_leaves(self.name, one, updates, *others, names=names,
-                             outputs=len(others) + 1)
+                             outputs=len(others) + 1, update_from_old_state=not keep_moments)
         nu_max = results[3] if self.amsgrad else ()
         return results[0], ScaleByAdamState(count, results[1], results[2], nu_max, mu_product)
 
@@ -317,7 +317,7 @@ class scale_by_adamax(Transform):
             return u.astype(g.dtype), m_new.astype(m.dtype), n_new.astype(n.dtype)
 
         updates, mu, nu = map_leaves(self.name, one, updates, state.mu, state.nu,
-                                     names=("mu", "nu"), outputs=3)
+                                     names=("mu", "nu"), outputs=3, update_from_old_state=True)
         return updates, ScaleByAdamaxState(count, mu, nu)
 
 
@@ -432,7 +432,7 @@ class scale_by_radam(Transform):
                     v_new.astype(v.dtype))
 
         updates, mu, nu = map_leaves(self.name, one, updates, state.mu, state.nu,
-                                     names=("mu", "nu"), outputs=3)
+                                     names=("mu", "nu"), outputs=3, update_from_old_state=True)
         return updates, ScaleByRadamState(count, mu, nu)
 
 

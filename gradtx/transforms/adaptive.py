@@ -157,7 +157,8 @@ class scale_by_rss(Transform):
             return _divide(gc, den).astype(g.dtype), s_new.astype(s.dtype)
 
         updates, sums = map_leaves(self.name, one, updates, state.sum_of_squares,
-                                   names=("sum_of_squares",), outputs=2)
+                                   names=("sum_of_squares",), outputs=2,
+                                   update_from_old_state=True)
         return updates, ScaleByRssState(sums)
 
 
@@ -223,7 +224,8 @@ class scale_by_rms(Transform):
             den = _rms_denominator(v_new, h("eps", rd), self.eps_in_sqrt)
             return _divide(gc, den).astype(g.dtype), v_new.astype(v.dtype)
 
-        updates, nu = map_leaves(self.name, one, updates, state.nu, names=("nu",), outputs=2)
+        updates, nu = map_leaves(self.name, one, updates, state.nu, names=("nu",), outputs=2,
+                                 update_from_old_state=True)
         return updates, ScaleByRmsState(nu)
 
 
@@ -290,7 +292,7 @@ class scale_by_stddev(Transform):
                     v_new.astype(v.dtype))
 
         updates, mu, nu = map_leaves(self.name, one, updates, state.mu, state.nu,
-                                     names=("mu", "nu"), outputs=3)
+                                     names=("mu", "nu"), outputs=3, update_from_old_state=True)
         return updates, ScaleByStddevState(mu, nu)
 
 

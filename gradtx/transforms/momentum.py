@@ -83,7 +83,7 @@ class trace(Transform):
             return out.astype(g.dtype), new_b.astype(b.dtype)
 
         out, new_trace = map_leaves(self.name, one, updates, state.trace, names=("trace",),
-                                    outputs=2)
+                                    outputs=2, update_from_old_state=True)
         return out, TraceState(numerics.safe_increment(state.count), new_trace)
 
 
@@ -133,5 +133,6 @@ class ema(Transform):
             out = new_m / correction.astype(ct) if self.debias else new_m
             return out.astype(g.dtype), new_m.astype(m.dtype)
 
-        out, new_ema = map_leaves(self.name, one, updates, state.ema, names=("ema",), outputs=2)
+        out, new_ema = map_leaves(self.name, one, updates, state.ema, names=("ema",), outputs=2,
+                                  update_from_old_state=True)
         return out, EmaState(count, new_ema)
