@@ -25,8 +25,8 @@ _ALIASES = {"cuda": "gpu", "rocm": "gpu"}
 # Per backend: process-wide XLA flags (the $XLA_FLAGS syntax) for what jax.jit's compiler_options
 # cannot carry. XLA's CPU multi-output fusion is switched on by a *backend extra option*, a map
 # field of the debug options that compiler_options rejects ("not a valid message value"), so it can
-# only be set through XLA_FLAGS. tests/test_xla_flags.py checks that these flags change no result
-# bit of any registry optimizer and that they do merge sibling loops.
+# only be set through XLA_FLAGS. tests/test_xla_flags.py checks that these flags change every
+# registry optimizer's results by rounding at most and that AdamW's step becomes one loop.
 _FLAGS = {
     "cpu": (f"--{_REGION_ANALYSIS}=true",
             "--xla_backend_extra_options=xla_cpu_use_multi_output_fusion"),
@@ -113,21 +113,22 @@ def xla_flags(backend: str) -> str:
     :func:`compiler_options` sets, here for every jit of the process, ``flax.nnx.jit`` included)
     and ``--xla_backend_extra_options=xla_cpu_use_multi_output_fusion``: XLA's CPU *multi-output
     fusion*, off by default, which merges loops over the same elements that read the same arrays
-    into one loop writing several outputs: AdamW's ``m'`` and ``v'`` become one pass that reads
-    ``g`` once, Lion's ``m'`` and ``p'`` one pass over ``p, g, m``. It is not a free win, so
-    measure your own step. On this project's 2-core CPU (``benchmarks/RESULTS-tuned.md`` against
-    the previous tuned run, both with huge pages and region analysis; one 16M-element leaf):
+    into one loop writing several outputs: Lion's ``m'`` and ``p'`` become one pass over ``p, g,
+    m``; and since it does not merge a loop with the loop that reads its result, gradtx's state
+    primitives then compute their update from the old state (Adam's ``p'`` from ``m``, ``v``, not
+    ``m'``, ``v'``), so that AdamW's whole step is one loop too (``docs/performance.md``, "One loop
+    per leaf"). It is not a free win everywhere, so measure your own step. On this project's 2-core
+    CPU (``benchmarks/RESULTS-tuned.md``, huge pages and region analysis for every candidate,
+    ratios to Optax in the same run): SGD with Nesterov momentum 0.70x (0.96 of its bandwidth
+    floor), AdamW 0.77x on a 12-layer transformer tree but on par on one 16M-element leaf, AdamW
+    with a bfloat16 first moment 0.53x, LAMB 0.63x, Adafactor 0.51-0.64x; Lion at 0.9-0.99 of its
+    floor.
 
-    * faster: Lion 9.7 → 6.4 ms (0.99 of its bandwidth floor; the 12×512 tree 31.9 → 24.5 ms),
-      LAMB 27.0 → 19.7 ms, Adafactor 26.5 → 23.9 ms;
-    * unchanged within noise: Adam, AdamW, SGD with Nesterov momentum;
-    * slower: AdamW with a bfloat16 first moment 15.3 → 22.1 ms (Optax's 14.8 → 20.4 ms),
-      AdaBelief 15.5 → 16.5 ms.
-
-    Optax's steps change the same way. It changes no bit of any registry optimizer's trajectory
-    (``tests/test_xla_flags.py``), but it is an optional XLA pass and it applies to the model's
-    own loops too: check your model's compile time and results once. GPU and TPU: ``""`` (XLA
-    already fuses sibling loops there).
+    Results may differ from the default environment's in the last bit: XLA contracts multiply-adds
+    into FMAs depending on what else a loop computes (``tests/test_xla_flags.py`` checks every
+    registry optimizer to float32 rounding). The flag also applies to the model's own loops:
+    check your model's compile time and results once. GPU and TPU: ``""`` (XLA already fuses
+    sibling loops there).
 
     ``backend`` must be named (``"cpu"``, ``"gpu"``/``"cuda"``/``"rocm"``, ``"tpu"``): asking JAX
     for its default backend would start it, after which the flags are ignored. If ``XLA_FLAGS``
