@@ -122,10 +122,12 @@ def map_leaves(owner: str, fn: Callable, updates, *others, names: Sequence[str] 
     ``jit``, on a backend whose compiler merges loops that read the same arrays but not a loop with
     the loop consuming its result (XLA's CPU backend with multi-output fusion on, see
     :func:`gradtx.xla_flags`), the update is then taken from a second call of ``fn`` on the same
-    gradient and the old state passed through :func:`gradtx.numerics.unshared`: the same
-    operations on the same values, but reading the old state, so the state writes and the
-    parameter update fuse into one pass (AdamW: 7 arrays moved instead of 10). Elsewhere it
-    changes nothing. See ``docs/performance.md``.
+    gradient and old state, each multiplied by a 1 passed through
+    :func:`gradtx.numerics.unshared`: the same operations on the same values, but a computation
+    of its own that reads the old state, so the state writes and the parameter update fuse into
+    one pass (AdamW: 7 arrays moved instead of 10). Not for a leaf that is itself such a
+    primitive's update (see ``_STATE_UPDATES``), complex leaves, or outside a trace. Elsewhere it
+    changes nothing. See ``docs/performance.md``, "One loop per leaf".
 
     Example:
         >>> import jax.numpy as jnp, gradtx
@@ -153,7 +155,7 @@ def map_leaves(owner: str, fn: Callable, updates, *others, names: Sequence[str] 
                 f"parameter tree you pass gradients for.")
         columns.append(other_leaves)
     results = []
-    merging = (update_from_old_state and outputs > 1 and columns
+    merging = (update_from_old_state and outputs > 1 and columns and leaves
                and all(isinstance(x, jax.core.Tracer) for x in leaves)
                and compiler._update_from_old_state())
     recompute = merging and not any(_STATE_UPDATES.get(id(x)) is x for x in leaves)
