@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradtx import compiler, numerics
+from gradtx import compiler
 
 __all__ = [
     "TreeMismatchError", "map_leaves", "zeros_like", "cast", "global_norm", "leaf_norm",
@@ -101,11 +101,6 @@ def _check_leaf(owner, path, u, other, what, same_shape, inexact):
 _STATE_UPDATES: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
 
 
-def _distinct(arrays):
-    """``arrays``, each multiplied by a 1 that XLA cannot see through (exact for every value)."""
-    return tuple(x * numerics.unshared(jnp.ones((), jnp.result_type(x))) for x in arrays)
-
-
 def map_leaves(owner: str, fn: Callable, updates, *others, names: Sequence[str] = (),
                outputs: int = 1, same_shape: bool = True, inexact: bool = True,
                update_from_old_state: bool = False):
@@ -122,8 +117,8 @@ def map_leaves(owner: str, fn: Callable, updates, *others, names: Sequence[str] 
     ``jit``, on a backend whose compiler merges loops that read the same arrays but not a loop with
     the loop consuming its result (XLA's CPU backend with multi-output fusion on, see
     :func:`gradtx.xla_flags`), the update is then taken from a second call of ``fn`` on the same
-    gradient and old state, each multiplied by a 1 passed through
-    :func:`gradtx.numerics.unshared`: the same operations on the same values, but a computation
+    gradient and old state, each multiplied by a 1 passed through an optimization barrier
+    (``compiler._opaque``): the same operations on the same values, but a computation
     of its own that reads the old state, so the state writes and the parameter update fuse into
     one pass (AdamW: 7 arrays moved instead of 10). Not for a leaf that is itself such a
     primitive's update (see ``_STATE_UPDATES``), complex leaves, or outside a trace. Elsewhere it
@@ -165,7 +160,7 @@ def map_leaves(owner: str, fn: Callable, updates, *others, names: Sequence[str] 
                     same_shape, inexact)
         out = fn(u, *row)
         if recompute and not jnp.iscomplexobj(u):
-            out = (fn(*_distinct((u, *row)))[0],) + tuple(out[1:])
+            out = (fn(*compiler._opaque((u, *row)))[0],) + tuple(out[1:])
         if merging:
             _STATE_UPDATES[id(out[0])] = out[0]
         results.append(out)

@@ -21,6 +21,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import gradtx  # noqa: E402
+from gradtx import compiler  # noqa: E402
 from gradtx.quantization import quantized_state  # noqa: E402
 from optimizer_registry import ENTRIES, PROBLEMS  # noqa: E402
 from test_compiler_options import _trajectory  # noqa: E402
@@ -77,14 +78,6 @@ def _adamw_step_hlo() -> str:
         .compile().as_text()
 
 
-def _parameter_loops(hlo_text: str, shape: str = "f32[256,256]") -> int:
-    """Fusions in the entry computation that write an array of the parameter's shape."""
-    entry = hlo_text[hlo_text.index("\nENTRY"):]
-    return sum(1 for line in entry.splitlines()
-               if line.lstrip().startswith("%") and " fusion(" in line
-               and shape in line.split("=", 1)[1].split(" fusion(", 1)[0])
-
-
 def _leaves(trajectory):
     return [np.asarray(x) for x in jax.tree.leaves(trajectory)]
 
@@ -92,7 +85,7 @@ def _leaves(trajectory):
 def _write(path: str) -> None:
     hlo = _adamw_step_hlo()
     arrays = {}
-    manifest = {"mof": _multi_output_fusions(hlo), "loops": _parameter_loops(hlo), "cases": {}}
+    manifest = {"mof": _multi_output_fusions(hlo), "loops": compiler._array_loops(hlo, "f32[256,256]"), "cases": {}}
     for name, tx, params in _cases():
         leaves = _leaves(_trajectory(tx, params, None))
         manifest["cases"][name] = [(x.dtype.name, list(x.shape)) for x in leaves]
@@ -122,7 +115,7 @@ def test_flags_merge_the_update_into_the_state_loop_and_change_only_rounding(tmp
     # gradtx.tree.map_leaves) are one loop with three outputs; this (default) process runs three
     hlo = _adamw_step_hlo()
     assert manifest["mof"] >= 1 and _multi_output_fusions(hlo) == 0
-    assert (manifest["loops"], _parameter_loops(hlo)) == (1, 3)
+    assert (manifest["loops"], compiler._array_loops(hlo, "f32[256,256]")) == (1, 3)
     names = [name for name, _, _ in _cases()]
     assert sorted(manifest["cases"]) == sorted(names)
     for name, tx, params in _cases():
