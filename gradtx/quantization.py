@@ -13,6 +13,7 @@ encoded and decoded with a few integer operations), are public too.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, NamedTuple
 
@@ -652,6 +653,21 @@ def _quantize(x, signed: bool, block_size: int, rounding: str, words,
     return QuantizedArray(codes, absmax, shape, jnp.dtype(dtype).name, signed)
 
 
+@functools.partial(jax.jit, static_argnames=("signed", "block_size", "exclude_zero", "code_map"))
+def _quantize_initial(x, *, signed: bool, block_size: int, exclude_zero: bool,
+                      code_map: str) -> QuantizedArray:
+    """:class:`quantized_state`'s initial encoding of an inner state leaf (nearest rounding).
+
+    Compiled once per shape, dtype and options. Run op by op, the quantisation dispatched some
+    180 primitives, each compiled anew for every new leaf shape: about 2 s per distinct shape on
+    CPU, minutes of ``init`` for a model with many. Under an enclosing ``jit`` it is inlined; the
+    inner state is usually a constant (zeros) there, and the barrier keeps XLA from
+    constant-folding the whole quantisation at compile time (seconds for a 16M leaf).
+    """
+    return _quantize(jax.lax.optimization_barrier(x), signed, block_size, "nearest", None,
+                     exclude_zero, code_map)
+
+
 def _without_zero_code(codes, y, signed: bool):
     """``codes`` with every non-zero ``y`` that got the code of 0 moved to the smallest non-zero
     code of its sign (unsigned map: positive ``y`` only; negatives clip to 0)."""
@@ -890,12 +906,9 @@ class quantized_state(Transform):
         dtype = jnp.result_type(x)
         if not jnp.issubdtype(dtype, jnp.floating) or int(np.prod(jnp.shape(x))) < self.min_size:
             return x
-        # the inner state is usually a constant (zeros) at init: the barrier keeps XLA from
-        # constant-folding the whole quantisation at compile time (seconds for a 16M leaf)
         unsigned = field in self.unsigned_fields
-        return quantize_blockwise(jax.lax.optimization_barrier(x), signed=not unsigned,
-                                  block_size=self.block_size, exclude_zero=unsigned,
-                                  code_map=self.code_map)
+        return _quantize_initial(x, signed=not unsigned, block_size=self.block_size,
+                                 exclude_zero=unsigned, code_map=self.code_map)
 
     def _walk(self, node, ref_def, ref_shapes, field):
         # a per-parameter tree: the parameters' structure, each leaf of its parameter's shape or a
