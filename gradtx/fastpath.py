@@ -51,6 +51,7 @@ multi-tensor kernels.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -139,9 +140,29 @@ def _concat(leaves, groups) -> dict:
         if all(isinstance(p, jax.ShapeDtypeStruct) for p in parts):
             flat[name] = jax.ShapeDtypeStruct((sum(_size(p) for p in parts),), jnp.dtype(name))
             continue
-        raveled = [jnp.reshape(jnp.asarray(p), (-1,)) for p in parts]
-        flat[name] = raveled[0] if len(raveled) == 1 else jnp.concatenate(raveled)
+        flat[name] = _ravel_and_join([jnp.asarray(p) for p in parts])
     return flat
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _split(buf, shapes):
+    """``buf`` (1-D) cut into consecutive pieces of the given ``shapes``: the inverse of
+    :func:`_ravel_and_join`, jitted for the same reason."""
+    pieces, offset = [], 0
+    for shape in shapes:
+        n = math.prod(shape)
+        pieces.append(jnp.reshape(jax.lax.slice_in_dim(buf, offset, offset + n), shape))
+        offset += n
+    return pieces
+
+
+@jax.jit
+def _ravel_and_join(parts):
+    """The 1-D concatenation of ``parts``. Jitted: outside ``jit`` (``init``, an eager ``update``)
+    it is one compiled program per list of shapes, where op by op every reshape compiled anew for
+    each new leaf shape (200 differently shaped leaves: 3.5 s); inside ``jit`` it is inlined."""
+    raveled = [jnp.reshape(p, (-1,)) for p in parts]
+    return raveled[0] if len(raveled) == 1 else jnp.concatenate(raveled)
 
 
 @transform
@@ -229,10 +250,7 @@ class flatten(Transform):
                     f"flatten: the {name} updates have {total} elements in total but the inner "
                     f"transform returned a buffer of shape {jnp.shape(buf)}; was the state "
                     f"initialised with different parameters?")
-            offset = 0
-            for i in idx:
-                n = _size(leaves[i])
-                piece = jax.lax.slice_in_dim(buf, offset, offset + n)
-                out[i] = jnp.reshape(piece, jnp.shape(leaves[i]))
-                offset += n
+            pieces = _split(buf, tuple(tuple(jnp.shape(leaves[i])) for i in idx))
+            for i, piece in zip(idx, pieces):
+                out[i] = piece
         return treedef.unflatten(out), FlattenState(inner_state)

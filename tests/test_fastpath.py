@@ -300,3 +300,35 @@ def test_elementwise_optimizer_on_raveled_params_matches_the_tree(opt):
     assert all(leaf.ndim <= 1 for leaf in jax.tree.leaves(flat_state))   # no per-leaf state
     _close(unravel(flat_out), tree_out)
     assert not np.allclose(np.asarray(flat_out), np.asarray(flat))        # it trained
+
+
+def test_init_and_eager_update_compile_independently_of_the_leaf_count():
+    """Outside ``jit`` the concatenation and the split are one compiled program per list of
+    shapes, not one per new leaf shape (op by op, 200 differently shaped leaves took 3.5 s to
+    initialise and 12 s for one eager update); the number of compilations does not grow with the
+    number of leaves."""
+    import collections
+
+    def compiles(n, first):
+        count = collections.Counter()
+
+        def listen(name, duration, **kwargs):
+            if name == "/jax/core/compile/backend_compile_duration":
+                count["n"] += 1
+        # shapes that no other test (and no other call here) uses: nothing is cached for them
+        params = {f"w{i}": jnp.ones((51 + first + i, 3 + i % 3)) for i in range(n)}
+        grads = jax.tree.map(lambda x: 0.5 * x, params)
+        jax.block_until_ready((params, grads))
+        tx = flatten(gradtx.adamw(1e-3))
+        jax.monitoring.register_event_duration_secs_listener(listen)
+        try:
+            state = tx.init(params)
+            updates, state = tx.update(grads, state, params)
+            jax.block_until_ready((updates, state))
+        finally:
+            jax.monitoring.unregister_event_duration_listener(listen)
+        plain_updates, _ = gradtx.adamw(1e-3).update(grads, gradtx.adamw(1e-3).init(params), params)
+        _bits_equal(updates, plain_updates)
+        return count["n"]
+
+    assert compiles(16, first=100) == compiles(4, first=200)
