@@ -12,7 +12,6 @@ optimizer as a static argument hits the same cache entry).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import sys
@@ -25,27 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import gradtx  # noqa: E402
 from reliability_common import OPTIMIZERS, loss_fn, make_params  # noqa: E402
+from compilations import count_compilations  # noqa: E402  (tests/ is on the path)
 
 g = gradtx
-_COMPILE_EVENT = "/jax/compilation_cache/compile_requests_use_cache"
-_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
-_compiles = []
-
-
-def _listener(event, duration=None, **kwargs):
-    if event == _BACKEND_COMPILE:
-        _compiles.append(event)
-
-
-jax.monitoring.register_event_duration_secs_listener(_listener)
-
-
-@contextlib.contextmanager
-def count_compilations():
-    start = len(_compiles)
-    box = []
-    yield box
-    box.append(len(_compiles) - start)
 
 
 @functools.partial(jax.jit, static_argnums=0)
