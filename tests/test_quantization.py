@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 
 import jax
@@ -664,6 +665,68 @@ def test_wrapper_stochastic_deterministic_per_step_and_fresh_across_steps():
         quantized_state(gradtx.adam(1e-2), rounding="up")
     with pytest.raises(ValueError, match="seed"):
         quantized_state(gradtx.adam(1e-2), seed=-1)
+
+
+def test_stream_numbers_live_in_the_state_and_drive_the_draws():
+    """``init`` numbers each quantized array's random stream by its position among the state's
+    leaves (``QuantizedState.streams``); ``update`` keeps the numbers, and an array's draws follow
+    its number, not where it sits in the tree."""
+    x = jnp.linspace(-1.0, 1.0, 4096).reshape(64, 64)
+    params = {"a": x, "b": x, "c": jnp.ones(3)}                   # "c" stays float32
+    tx = quantized_state(gradtx.sgd(0.1, momentum=0.9), min_size=1000)
+    state = tx.init(params)
+    leaves = jax.tree.leaves(state.inner_state, is_leaf=lambda v: isinstance(v, QuantizedArray))
+    positions = [i for i, v in enumerate(leaves) if isinstance(v, QuantizedArray)]
+    assert len(positions) == 2
+    assert [int(s) for s in state.streams] == positions
+    assert all(s.dtype == jnp.uint32 and s.shape == () for s in state.streams)
+
+    grads = {"a": jnp.sin(x * 7.0), "b": jnp.sin(x * 7.0), "c": jnp.ones(3)}
+    step = jax.jit(tx.update)
+    _, new = step(grads, state, params)
+    assert [int(s) for s in new.streams] == positions              # kept by update
+    codes = lambda s, k: np.asarray(s.inner_state[0].trace[k].codes)  # noqa: E731
+    assert np.mean(codes(new, "a") != codes(new, "b")) > 0.1     # equal moments, own draws
+    swapped = state._replace(streams=state.streams[::-1])
+    _, new_swapped = step(grads, swapped, params)
+    np.testing.assert_array_equal(codes(new_swapped, "a"), codes(new, "b"))
+    np.testing.assert_array_equal(codes(new_swapped, "b"), codes(new, "a"))
+
+    for bad, what in ((state.streams[:1], "1 stream numbers"), (None, "a NoneType")):
+        with pytest.raises(gradtx.TreeMismatchError,
+                           match=rf"state.streams holds {what} for 2 quantized arrays.*init"):
+            tx.update(grads, state._replace(streams=bad), params)
+
+
+def _distinct_fused_computations(hlo_text: str) -> int:
+    """How many different computations an optimized HLO module holds, comparing their bodies
+    without names and metadata (XLA compiles each fused computation of the module separately)."""
+    bodies = set()
+    for block in re.split(r"\n(?=%\S+ \()", hlo_text.split("\nENTRY")[0]):
+        if block.startswith("%") and "{" in block:
+            body = re.sub(r"metadata=\{[^}]*\}", "", block.split("{", 1)[1])
+            bodies.add(re.sub(r"%[\w.\-]+", "%x", body))
+    return len(bodies)
+
+
+@pytest.mark.parametrize("code_map", ["dynamic", "float8"])
+def test_same_shaped_leaves_share_their_compiled_encoders(code_map):
+    """With stochastic rounding, every quantized array's encoder is the same XLA computation for
+    the same shape: the stream number is a buffer of the state, not a constant of the step. When
+    it was a constant (the array's position), each array got an encoder of its own for XLA to
+    compile (AdamW over 100 leaves of 64x64: 10.1 s against 6.3 s, float8 map)."""
+    tx = quantized_state(gradtx.adamw(1e-3), code_map=code_map)
+    assert tx.rounding == "stochastic"
+
+    def step(g, s, p):
+        u, s = tx.update(g, s, p)
+        return gradtx.apply_updates(p, u), s
+
+    def distinct(n):
+        params = {f"w{i}": jnp.full((64, 64), 0.5 + i) for i in range(n)}
+        text = jax.jit(step).lower(params, tx.init(params), params).compile().as_text()
+        return _distinct_fused_computations(text)
+    assert distinct(2) == distinct(6)
 
 
 def test_vmap_and_eval_shape_with_stochastic_state():
