@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 import sys
 
 import jax
@@ -16,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import gradtx  # noqa: E402
 from compilations import count_compilations  # noqa: E402
+from exact_checks import compiled_step_text, distinct_computations  # noqa: E402
 from gradtx.quantization import (_CONSTANTS, _MAPS, _MIDPOINTS, DEFAULT_UNSIGNED_FIELDS,  # noqa: E402
                                  QuantizedArray, QuantizedState, _block_absmax, _key_words,
                                  _nearest_codes, _stochastic_codes, _uniforms,
@@ -698,17 +698,6 @@ def test_stream_numbers_live_in_the_state_and_drive_the_draws():
             tx.update(grads, state._replace(streams=bad), params)
 
 
-def _distinct_fused_computations(hlo_text: str) -> int:
-    """How many different computations an optimized HLO module holds, comparing their bodies
-    without names and metadata (XLA compiles each fused computation of the module separately)."""
-    bodies = set()
-    for block in re.split(r"\n(?=%\S+ \()", hlo_text.split("\nENTRY")[0]):
-        if block.startswith("%") and "{" in block:
-            body = re.sub(r"metadata=\{[^}]*\}", "", block.split("{", 1)[1])
-            bodies.add(re.sub(r"%[\w.\-]+", "%x", body))
-    return len(bodies)
-
-
 @pytest.mark.parametrize("code_map", ["dynamic", "float8"])
 def test_same_shaped_leaves_share_their_compiled_encoders(code_map):
     """With stochastic rounding, every quantized array's encoder is the same XLA computation for
@@ -718,14 +707,9 @@ def test_same_shaped_leaves_share_their_compiled_encoders(code_map):
     tx = quantized_state(gradtx.adamw(1e-3), code_map=code_map)
     assert tx.rounding == "stochastic"
 
-    def step(g, s, p):
-        u, s = tx.update(g, s, p)
-        return gradtx.apply_updates(p, u), s
-
     def distinct(n):
         params = {f"w{i}": jnp.full((64, 64), 0.5 + i) for i in range(n)}
-        text = jax.jit(step).lower(params, tx.init(params), params).compile().as_text()
-        return _distinct_fused_computations(text)
+        return distinct_computations(compiled_step_text(tx, params, params))
     assert distinct(2) == distinct(6)
 
 
