@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradtx import compiler, numerics
+from gradtx.counter_random import (check_streams, key_words, random_bits, stream_numbers,
+                                   stream_words, uniforms)
 from gradtx.base import Transform, option, transform
 from gradtx.combine import NO_REPLAY, MaskedNode, _check_member, call_update
 from gradtx.tree import TreeMismatchError
@@ -473,55 +475,6 @@ def _stochastic_codes(y, signed: bool, u):
     return _to_code(p, negative, signed)
 
 
-def _fmix32(h):
-    """MurmurHash3's 32-bit finaliser: a bijection of uint32 with full avalanche."""
-    h = h ^ (h >> 16)
-    h = h * np.uint32(0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = h * np.uint32(0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
-def _key_words(key):
-    """Two 32-bit words drawn from ``key`` (one Threefry evaluation, a scalar computation)."""
-    return jax.random.bits(key, (2,), jnp.uint32)
-
-
-@jax.jit
-def _leaf_words(words, stream):
-    """Words for one quantized array from a step's ``words``: two scalar hashes of its ``stream``
-    number (uint32, :attr:`QuantizedState.streams`), not another Threefry evaluation per array
-    (whose unrolled rounds dominated the compile time of a state with hundreds of leaves).
-
-    ``stream`` is a runtime value, a buffer of the state, not a constant of the step: the
-    encoders of all same-shaped arrays are then the same XLA computation. With the array's
-    position baked in as a constant, every array had an encoder of its own for XLA to compile
-    (AdamW over 100 leaves of 64x64: 10.1 s against 6.3 s, float8 map; 21.6 s against 13.3 s,
-    dynamic map)."""
-    a = stream * np.uint32(0x9E3779B1) + np.uint32(1)        # uint32 arithmetic wraps mod 2**32
-    b = stream * np.uint32(0x85EBCA6B)
-    return jnp.stack([_fmix32(words[0] ^ a), _fmix32(words[1] + b)])
-
-
-def _random_bits(words, shape):
-    """32 random bits (uint32) per element of a ``(n_blocks, block_size)`` array.
-
-    Each element's number is a hash of its flat index and two 32-bit ``words``. Counter-based, so
-    it is cheap (a few integer operations per element instead of a Threefry evaluation), splits
-    with sharding like any elementwise function of ``iota``, and is identical under jit and
-    eagerly.
-    """
-    rows = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
-    cols = jax.lax.broadcasted_iota(jnp.uint32, shape, 1)
-    index = rows * np.uint32(shape[1]) + cols
-    return _fmix32((index ^ words[1]) * np.uint32(0x9E3779B1) + words[0])
-
-
-def _uniforms(words, shape):
-    """One float32 in ``[0, 1)`` (24 of :func:`_random_bits`) per element."""
-    return (_random_bits(words, shape) >> 8).astype(jnp.float32) * np.float32(2.0 ** -24)
-
-
 def _block_absmax(blocks):
     """``max |x|`` over each row of ``blocks`` (float32, ``(n_blocks, block_size)``); NaN if the
     row holds a NaN.
@@ -623,7 +576,7 @@ def quantize_blockwise(x, *, signed: bool = True, block_size: int = 256,
         raise ValueError("quantize_blockwise: rounding='stochastic' needs a random key; pass "
                          "key=jax.random.key(seed) (the same key gives the same codes).")
     code_map = _check_code_map("quantize_blockwise", code_map)
-    words = _key_words(key) if rounding == "stochastic" else None
+    words = key_words(key) if rounding == "stochastic" else None
     return _quantize(jnp.asarray(x), bool(signed), block_size, rounding, words,
                      bool(exclude_zero), code_map)
 
@@ -657,13 +610,13 @@ def _quantize(x, signed: bool, block_size: int, rounding: str, words,
     safe = jnp.where(absmax > 0, absmax, jnp.ones_like(absmax))
     normed = blocks / safe[:, None]
     if code_map == "float8":
-        noise = None if rounding == "nearest" else _random_bits(words, blocks.shape)
+        noise = None if rounding == "nearest" else random_bits(words, blocks.shape)
         codes = _float8_codes(normed, bool(signed), exclude_zero, noise)
         return QuantizedArray(codes, absmax, shape, jnp.dtype(dtype).name, signed, code_map)
     if rounding == "nearest":
         codes = _nearest_codes(normed, bool(signed))
     else:
-        codes = _stochastic_codes(normed, bool(signed), _uniforms(words, blocks.shape))
+        codes = _stochastic_codes(normed, bool(signed), uniforms(words, blocks.shape))
     if exclude_zero:
         codes = _without_zero_code(codes, normed, bool(signed))
     return QuantizedArray(codes, absmax, shape, jnp.dtype(dtype).name, signed)
@@ -767,12 +720,6 @@ class QuantizedState(NamedTuple):
     count: Any
     inner_state: Any
     streams: Any
-
-
-def _describe_streams(streams) -> str:
-    if isinstance(streams, tuple):
-        return f"{len(streams)} stream numbers"
-    return f"a {type(streams).__name__}"
 
 
 def _is_masked_node(x) -> bool:
@@ -982,9 +929,7 @@ class quantized_state(Transform):
                 f"{_FLOAT8_COMPILES if self.code_map == 'dynamic' else ''} See "
                 f"docs/quantization.md, 'Compile time and many leaves'.", stacklevel=2)
         # one random stream per quantized array, numbered by its position among the leaves
-        leaves = jax.tree.leaves(stored, is_leaf=_is_quantized)
-        streams = tuple(jnp.asarray(position % 2**32, jnp.uint32)
-                        for position, x in enumerate(leaves) if _is_quantized(x))
+        streams = stream_numbers(jax.tree.leaves(stored, is_leaf=_is_quantized), _is_quantized)
         return QuantizedState(numerics.init_count(), stored, streams)
 
     def update(self, updates, state, params=None, **extra):
@@ -992,15 +937,10 @@ class quantized_state(Transform):
         step_words = None
         if self.rounding == "stochastic":
             # one stream per (seed, step, array): pure, reproducible, fresh every step
-            step_words = _key_words(jax.random.fold_in(jax.random.key(self.seed), count))
+            step_words = key_words(jax.random.fold_in(jax.random.key(self.seed), count))
         stored, stored_def = jax.tree.flatten(state.inner_state, is_leaf=_is_quantized)
         n_quantized = sum(map(_is_quantized, stored))
-        if not isinstance(state.streams, tuple) or len(state.streams) != n_quantized:
-            raise TreeMismatchError(
-                f"{self.name}: state.streams holds {_describe_streams(state.streams)} for "
-                f"{n_quantized} quantized arrays; it must be a tuple with one uint32 scalar per "
-                f"QuantizedArray of inner_state. Build the state with this transform's init "
-                f"(a state saved before streams existed must be re-initialised).")
+        check_streams(self.name, state.streams, n_quantized, "quantized arrays")
         loaded = [dequantize_blockwise(x) if _is_quantized(x) else x for x in stored]
         inner_state = stored_def.unflatten(loaded)
         # the inner state is re-encoded below, not stored as returned: no replay (gradtx.chain);
@@ -1025,7 +965,7 @@ class quantized_state(Transform):
                         f"{self.name}: a quantized state leaf changed shape from {old.shape} to "
                         f"{jnp.shape(new)} in {self.inner!r}'s update.")
                 stream = next(streams)
-                words = None if step_words is None else _leaf_words(step_words, stream)
+                words = None if step_words is None else stream_words(step_words, stream)
                 new = _quantize(new, old.signed, old.block_size, self.rounding, words,
                                 exclude_zero=not old.signed, code_map=old.code_map)
                 if new.dtype != old.dtype:

@@ -14,11 +14,12 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import gradtx  # noqa: E402
+from gradtx.counter_random import key_words, uniforms  # noqa: E402
 from compilations import count_compilations  # noqa: E402
 from exact_checks import compiled_step_text, distinct_computations  # noqa: E402
 from gradtx.quantization import (_CONSTANTS, _MAPS, _MIDPOINTS, DEFAULT_UNSIGNED_FIELDS,  # noqa: E402
-                                 QuantizedArray, QuantizedState, _block_absmax, _key_words,
-                                 _nearest_codes, _stochastic_codes, _uniforms,
+                                 QuantizedArray, QuantizedState, _block_absmax,
+                                 _nearest_codes, _stochastic_codes,
                                  dequantize_blockwise, dynamic_map, float8_map,
                                  quantize_blockwise, quantized_state)
 
@@ -542,7 +543,7 @@ def test_stochastic_codes_land_on_neighbours_at_edges(signed):
     encode = jax.jit(_stochastic_codes, static_argnums=1)
     seen_above = 0
     for k in range(4):
-        u = _uniforms(_key_words(jax.random.key(k)), (1, x.size)).reshape(-1)
+        u = uniforms(key_words(jax.random.key(k)), (1, x.size)).reshape(-1)
         v = m[np.asarray(encode(jnp.asarray(x), signed, u))]
         ok = (v == below) | (v == above)
         if signed:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import gradtx
-from gradtx.quantization import (QuantizedArray, _float8_codes, _key_words, _random_bits,
+from gradtx.counter_random import key_words, random_bits
+from gradtx.quantization import (QuantizedArray, _float8_codes,
                                  dequantize_blockwise, float8_map, quantize_blockwise,
                                  quantized_state)
 from test_quantization import _params, _problem, _train, dequantized  # noqa: E402
@@ -201,8 +202,8 @@ def test_stochastic_rounding_is_deterministic_per_key_and_exact_on_map_values():
 def test_top_twenty_random_bits_are_uniform():
     # the stochastic encoder adds the hash's top 20 bits: halfway between two codes about half
     # of the elements must round up
-    words = _key_words(jax.random.key(0))
-    bits = np.asarray(_random_bits(words, (4, 1024))) >> 12
+    words = key_words(jax.random.key(0))
+    bits = np.asarray(random_bits(words, (4, 1024))) >> 12
     assert bits.max() < 2 ** 20 and 0.45 < (bits >= 2 ** 19).mean() < 0.55
 
 
