@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gradtx import _validate, counter_random, numerics
 from gradtx.base import Transform, add_update, hyperparameter, option, transform
@@ -196,10 +197,12 @@ def stochastic_round(x, key, dtype) -> jax.Array:
 
     For float32 → bfloat16 this is the classic bit trick: add 16 uniformly random bits below the
     bfloat16 mantissa of the float32 bit pattern and truncate them (exact, one integer add). Other
-    targets (float16, subnormals included) draw a uniform ``r`` in ``[0, 1)`` and pick ``hi`` when
+    targets (float16 and the float8 formats, subnormals included; the neighbours are found by
+    stepping the bit pattern) draw a uniform ``r`` in ``[0, 1)`` and pick ``hi`` when
     ``r < (x - lo) / (hi - lo)`` (``r`` has 24 bits, 32 for float64 input: the probability is
     exact to 2**-24 of the gap, 2**-32 for float64). ``key`` is a JAX PRNG key (typed or raw
-    ``uint32``); the same key gives the same result.
+    ``uint32``); the same key gives the same result. A target without a sign bit or narrower than
+    a byte (``float8_e8m0fnu``, ``float4_e2m1fn``) is a ``TypeError``.
 
     The random bits are a hash of each element's index and two words drawn from ``key``
     (MurmurHash3's finaliser, a few integer operations per element, fused into the rounding loop),
@@ -223,7 +226,44 @@ def stochastic_round(x, key, dtype) -> jax.Array:
                         f"{x.dtype} -> {dtype}.")
     if jnp.finfo(dtype).bits >= jnp.finfo(x.dtype).bits:
         return x.astype(dtype)
+    _check_target(dtype)
     return _stochastic_round_words(x, counter_random.key_words(jnp.asarray(key)), dtype)
+
+
+def _next_float(v, up: bool) -> jax.Array:
+    """The neighbour of each finite ``v`` one representable step up (toward +inf) or down, in
+    ``v``'s dtype, from its bit pattern: ``jnp.nextafter`` returns NaN for the 8-bit floats.
+    From ±0 the step is the smallest subnormal of the direction's sign; in formats without a
+    negative zero (``*fnuz``) a step from the smallest negative subnormal up lands on +0."""
+    width = jnp.finfo(v.dtype).bits
+    uint = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32, 64: jnp.uint64}[width]
+    sign_bit = 1 << (width - 1)
+    bits = jax.lax.bitcast_convert_type(v, uint)
+    negative = (bits & uint(sign_bit)) != 0
+    away_from_zero = negative != up
+    step = jnp.where(away_from_zero, bits + uint(1), bits - uint(1))
+    zero = (bits & uint(sign_bit - 1)) == 0
+    step = jnp.where(zero, uint(1 if up else sign_bit | 1), step)
+    if _has_no_negative_zero(v.dtype):
+        step = jnp.where(step == uint(sign_bit), uint(0), step)
+    return jax.lax.bitcast_convert_type(step, v.dtype)
+
+
+def _has_no_negative_zero(dtype) -> bool:
+    width = jnp.finfo(dtype).bits
+    uint = {8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}[width]
+    return bool(np.isnan(np.array([1 << (width - 1)], uint).view(dtype).astype(np.float32))[0])
+
+
+def _check_target(dtype) -> None:
+    """Stochastic rounding needs a signed float format of 8 or more bits with a zero."""
+    info = jnp.finfo(dtype)
+    zero_ok = bool(np.array([0], np.dtype(dtype)).astype(np.float32)[0] == 0)
+    signed = bool(np.array([-1.0], np.float32).astype(dtype).astype(np.float32)[0] < 0)
+    if info.bits not in (8, 16, 32, 64) or not (zero_ok and signed):
+        raise TypeError(f"stochastic_round: dtype={jnp.dtype(dtype).name} is not supported; "
+                        f"expected a signed floating-point format of 8, 16, 32 or 64 bits with a "
+                        f"zero (bfloat16, float16, float32, the float8 formats).")
 
 
 def _stochastic_round_words(x, words, dtype) -> jax.Array:
@@ -238,11 +278,9 @@ def _stochastic_round_words(x, words, dtype) -> jax.Array:
     else:
         wide = x.dtype
         near_w = nearest.astype(wide)
-        up = jnp.full(x.shape, jnp.inf, dtype)
-        down = jnp.full(x.shape, -jnp.inf, dtype)
         below = near_w <= x
-        lo = jnp.where(below, nearest, jnp.nextafter(nearest, down))
-        hi = jnp.where(below, jnp.nextafter(nearest, up), nearest)
+        lo = jnp.where(below, nearest, _next_float(nearest, up=False))
+        hi = jnp.where(below, _next_float(nearest, up=True), nearest)
         lo_w, hi_w = lo.astype(wide), hi.astype(wide)
         gap = hi_w - lo_w
         frac = jnp.where(gap > 0, (x - lo_w) / jnp.where(gap > 0, gap, jnp.ones_like(gap)),

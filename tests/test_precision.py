@@ -185,18 +185,25 @@ def test_master_weights_errors_and_repr():
 
 
 def neighbours(x, dtype):
-    x = jnp.asarray(x, jnp.float32)
-    near = x.astype(dtype)
-    below = near.astype(jnp.float32) <= x
-    lo = jnp.where(below, near, jnp.nextafter(near, jnp.full_like(near, -jnp.inf)))
-    hi = jnp.where(below, jnp.nextafter(near, jnp.full_like(near, jnp.inf)), near)
-    return f32(lo), f32(hi)
+    """The two neighbours ``lo <= x <= hi`` of each float32 ``x`` among all finite values of
+    ``dtype`` (every bit pattern enumerated: independent of the implementation's bit stepping)."""
+    width = jnp.finfo(dtype).bits
+    patterns = np.arange(2 ** width, dtype={8: np.uint8, 16: np.uint16}[width])
+    values = np.unique(patterns.view(dtype).astype(np.float32))
+    values = values[np.isfinite(values)]
+    x = f32(x)
+    hi = values[np.searchsorted(values, x, side="left")]
+    lo = values[np.searchsorted(values, x, side="right") - 1]
+    return lo, hi
 
 
-@pytest.mark.parametrize("dtype, scale", [(jnp.bfloat16, 1.0), (jnp.bfloat16, 1e-30),
-                                          (jnp.float16, 1.0), (jnp.float16, 1e-6)])
+@pytest.mark.parametrize("dtype, scale", [
+    (jnp.bfloat16, 1.0), (jnp.bfloat16, 1e-30), (jnp.float16, 1.0), (jnp.float16, 1e-6),
+    (jnp.float8_e4m3fn, 1.0), (jnp.float8_e4m3fn, 2.0**-7), (jnp.float8_e5m2, 1.0),
+    (jnp.float8_e4m3fnuz, 2.0**-8), (jnp.float8_e5m2fnuz, 1.0)])
 def test_stochastic_round_is_unbiased(dtype, scale):
-    # scale=1e-6 for float16 exercises its subnormal range (spacing 2**-24)
+    # the small scales exercise subnormal ranges (float16 spacing 2**-24; float8_e4m3fn 2**-9)
+    # and, for the *fnuz formats (no negative zero), steps across zero
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.uniform(-3, 3, 48) * scale, jnp.float32)
     copies = 4096
@@ -205,14 +212,20 @@ def test_stochastic_round_is_unbiased(dtype, scale):
     lo, hi = neighbours(x, dtype)
     yf = f32(y)
     assert np.all((yf == lo) | (yf == hi))                 # always one of the two neighbours
-    gap = hi - lo
+    gap = np.where(hi > lo, hi - lo, 1.0)
     # each draw has std <= gap/2: the mean of 4096 draws is within gap * 6/(2*64) (6 sigma)
     err = np.abs(yf.mean(axis=0, dtype=np.float64) - f32(x))
     assert np.all(err <= 0.047 * gap), (err / gap).max()
     # and it is not round-to-nearest in disguise: the fraction of "up" draws tracks the position
-    frac_up = (yf == hi).mean(axis=0)
-    pos = (f32(x) - lo) / gap
+    frac_up = np.where(hi > lo, (yf == hi).mean(axis=0), 0.0)
+    pos = np.where(hi > lo, (f32(x) - lo) / gap, 0.0)
     np.testing.assert_allclose(frac_up, pos, atol=0.05)
+
+
+def test_stochastic_round_rejects_formats_without_sign_or_byte():
+    for dtype in (jnp.float4_e2m1fn, jnp.float8_e8m0fnu):
+        with pytest.raises(TypeError, match=rf"dtype={jnp.dtype(dtype).name} is not supported"):
+            stochastic_round(jnp.ones(4), jax.random.key(0), dtype)
 
 
 def test_stochastic_round_special_values_and_keys():
