@@ -9,6 +9,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from gradtx import numerics
+
 __all__ = ["compiler_options", "xla_flags"]
 
 _REGION_ANALYSIS = "xla_cpu_copy_insertion_use_region_analysis"
@@ -184,8 +186,7 @@ def _opaque(arrays) -> tuple:
     every real value), but expressions of their own, so a computation built from them is not
     merged with the same computation on the originals. Unlike a barrier on the arrays themselves,
     an array that is an expression (a clipped gradient) is not materialised."""
-    return tuple(x * jax.lax.optimization_barrier(jnp.ones((), jnp.result_type(x)))
-                 for x in arrays)
+    return tuple(x * numerics.unshared(jnp.ones((), jnp.result_type(x))) for x in arrays)
 
 
 def _probe_consumer(p, m, g):

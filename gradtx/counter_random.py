@@ -97,7 +97,7 @@ def check_streams(owner: str, streams, expected: int, what: str) -> None:
     held = f"{len(streams)} stream numbers" if isinstance(streams, tuple) else \
         f"a {type(streams).__name__}"
     raise TreeMismatchError(
-        f"{owner}: state.streams holds {held} for {expected} {what}; it must be a tuple with one "
-        f"uint32 scalar per {what[:-1] if what.endswith('s') else what}, as {owner}.init builds "
-        f"it. Build the state with init (a state saved before streams existed lacks them: take "
-        f"streams from a fresh init of the same optimizer and parameters).")
+        f"{owner}: state.streams holds {held} for {expected} {what}; it must be a tuple of "
+        f"{expected} uint32 scalars, one per {what}, as {owner}.init builds it. Build the state "
+        f"with init (a state saved before streams existed lacks them: take streams from a fresh "
+        f"init of the same optimizer and parameters).")

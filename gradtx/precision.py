@@ -230,13 +230,17 @@ def stochastic_round(x, key, dtype) -> jax.Array:
     return _stochastic_round_words(x, counter_random.key_words(jnp.asarray(key)), dtype)
 
 
+# the unsigned integer type of each float width, for bit-pattern arithmetic
+_UNSIGNED = {8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}
+
+
 def _next_float(v, up: bool) -> jax.Array:
     """The neighbour of each finite ``v`` one representable step up (toward +inf) or down, in
     ``v``'s dtype, from its bit pattern: ``jnp.nextafter`` returns NaN for the 8-bit floats.
     From ±0 the step is the smallest subnormal of the direction's sign; in formats without a
     negative zero (``*fnuz``) a step from the smallest negative subnormal up lands on +0."""
     width = jnp.finfo(v.dtype).bits
-    uint = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32, 64: jnp.uint64}[width]
+    uint = _UNSIGNED[width]
     sign_bit = 1 << (width - 1)
     bits = jax.lax.bitcast_convert_type(v, uint)
     negative = (bits & uint(sign_bit)) != 0
@@ -251,8 +255,8 @@ def _next_float(v, up: bool) -> jax.Array:
 
 def _has_no_negative_zero(dtype) -> bool:
     width = jnp.finfo(dtype).bits
-    uint = {8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}[width]
-    return bool(np.isnan(np.array([1 << (width - 1)], uint).view(dtype).astype(np.float32))[0])
+    return bool(np.isnan(np.array([1 << (width - 1)], _UNSIGNED[width]).view(dtype)
+                         .astype(np.float32))[0])
 
 
 def _check_target(dtype) -> None:

@@ -78,6 +78,17 @@ def compiled_step_text(tx, params, grads) -> str:
         .compile().as_text()
 
 
+def same_shaped_step_computations(tx, n: int, shape: tuple, dtype=np.float32,
+                                  grads=lambda params: params) -> int:
+    """:func:`distinct_computations` of ``tx``'s compiled step (:func:`compiled_step_text`) over
+    ``n`` leaves of one ``shape`` and ``dtype`` (leaf ``i`` filled with ``0.5 + i``), with the
+    gradients ``grads(params)`` (default: the parameters themselves)."""
+    import jax.numpy as jnp
+
+    params = {f"w{i}": jnp.full(shape, 0.5 + i, dtype) for i in range(n)}
+    return distinct_computations(compiled_step_text(tx, params, grads(params)))
+
+
 def donated_step_text(tx, shape: tuple, dtype=np.float32) -> str:
     """:func:`compiled_step_text` on one leaf ``{"w": shape}`` of ``dtype``."""
     params = {"w": (0.02 * jax.random.normal(jax.random.PRNGKey(0), shape)).astype(dtype)}

@@ -19,8 +19,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import gradtx  # noqa: E402
-from exact_checks import (compiled_step_text, distinct_computations,  # noqa: E402
-                          donated_step_text, full_size_temporaries)
+from exact_checks import (compiled_step_text, donated_step_text,  # noqa: E402
+                          full_size_temporaries, same_shaped_step_computations)
 from optimizer_registry import ENTRIES, ENTRY_IDS, PROBLEMS, REPR_NAMESPACE  # noqa: E402
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -193,10 +193,7 @@ def test_same_shaped_leaves_compile_to_shared_computations(entry):
     shape already present adds no computation to compile. A leaf-specific constant in a loop (its
     position, an offset into a shared buffer) would add one per leaf."""
     tx = entry.make()
-
-    def distinct(n):
-        params = {f"w{i}": jnp.full((16, 24), 0.5 + i, jnp.float32) for i in range(n)}
-        return distinct_computations(compiled_step_text(tx, params, _grads(params)))
+    distinct = functools.partial(same_shaped_step_computations, tx, shape=(16, 24), grads=_grads)
     assert distinct(2) == distinct(5)
 
 

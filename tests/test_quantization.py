@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gradtx  # noqa: E402
 from gradtx.counter_random import key_words, uniforms  # noqa: E402
 from compilations import count_compilations  # noqa: E402
-from exact_checks import compiled_step_text, distinct_computations  # noqa: E402
+from exact_checks import same_shaped_step_computations  # noqa: E402
 from gradtx.quantization import (_CONSTANTS, _MAPS, _MIDPOINTS, DEFAULT_UNSIGNED_FIELDS,  # noqa: E402
                                  QuantizedArray, QuantizedState, _block_absmax,
                                  _nearest_codes, _stochastic_codes,
@@ -707,10 +707,7 @@ def test_same_shaped_leaves_share_their_compiled_encoders(code_map):
     compile (AdamW over 100 leaves of 64x64: 10.1 s against 6.3 s, float8 map)."""
     tx = quantized_state(gradtx.adamw(1e-3), code_map=code_map)
     assert tx.rounding == "stochastic"
-
-    def distinct(n):
-        params = {f"w{i}": jnp.full((64, 64), 0.5 + i) for i in range(n)}
-        return distinct_computations(compiled_step_text(tx, params, params))
+    distinct = functools.partial(same_shaped_step_computations, tx, shape=(64, 64))
     assert distinct(2) == distinct(6)
 
 
