@@ -268,8 +268,7 @@ ENTRIES: list[Entry] = [
             g.scale_by_lion(), g.add_decoupled_weight_decay(weight_decay),
             g.scale_by_learning_rate(learning_rate)),
         {"quadratic": _b(3000, 2e-3, 0.05), "rosenbrock": _b(3000, 5e-3, 0.1)},
-        needs_params=True, sign_based=True,
-        cpu_step_temporaries=1),   # copy of m: p' reads the old m (gradtx.compiler_options())
+        needs_params=True, sign_based=True),   # no copy of m: the direction reads the new m
     Entry(
         "sign_sgd", g.sign_sgd, dict(learning_rate=ExponentialDecay(0.01, 0.999)),
         lambda learning_rate: g.chain(g.scale_by_sign(), g.scale_by_learning_rate(learning_rate)),

@@ -7,7 +7,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import gradtx as g
@@ -219,6 +219,7 @@ def test_accumulation_equals_the_mean_gradient_step(entry, k, outer, data):
 
 @settings(max_examples=10, deadline=None)
 @given(entry=entries, k=st.sampled_from([2, 4]), seed=st.integers(0, 2 ** 31))
+@example(entry=next(e for e in ENTRIES if e.name == "adam"), k=2, seed=31816)  # cancelling w[0]
 def test_accumulation_over_equal_micro_batches_is_one_large_batch_step(entry, k, seed):
     """For a mean loss over a batch split into k equal micro-batches, k accumulated micro-steps
     give the update of one step on the whole batch (float32; the batch gradient and the mean of
@@ -234,8 +235,15 @@ def test_accumulation_over_equal_micro_batches_is_one_large_batch_step(entry, k,
     tx = entry.make()
     acc = g.accumulate_gradients(tx, every_k=k)
     state = acc.init(params)
-    for xb, yb in zip(jnp.split(x, k), jnp.split(y, k)):
-        u, state = acc.update(jax.grad(loss)(params, xb, yb), state, params)
-    want, _ = tx.update(jax.grad(loss)(params, x, y), tx.init(params), params)
-    # sign-based optimizers amplify a rounding-level change of a tiny gradient coordinate
-    assert_trees_close(u, want, rtol=2e-5, atol=2e-6)
+    micro = [jax.grad(loss)(params, xb, yb) for xb, yb in zip(jnp.split(x, k), jnp.split(y, k))]
+    for grads in micro:
+        u, state = acc.update(grads, state, params)
+    full = jax.grad(loss)(params, x, y)
+    want, _ = tx.update(full, tx.init(params), params)
+    # A coordinate whose micro-batch gradients cancel to rounding noise (seed 31816, k=2: ±1.2787
+    # summing to -2.9e-7) has no defined direction: Adam's g/(|g|+ε), like a sign, turns that
+    # rounding into an O(lr) change. The law is checked on every other coordinate.
+    scale = jax.tree.map(lambda *gs: sum(jnp.abs(gr) for gr in gs) / k, *micro)
+    defined = jax.tree.map(lambda f, s: jnp.abs(f) > 1e-4 * s, full, scale)
+    keep = lambda tree: jax.tree.map(lambda a, d: jnp.where(d, a, 0.0), tree, defined)  # noqa: E731
+    assert_trees_close(keep(u), keep(want), rtol=2e-5, atol=2e-6)

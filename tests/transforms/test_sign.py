@@ -145,3 +145,92 @@ def test_traced_hyperparameters_inside_jit():
     u, mu = run_traced(jnp.float32(0.5), jnp.float32(0.25), jnp.array([2.0, -4.0]))
     assert np.asarray(u).tolist() == [1.0, -1.0]
     np.testing.assert_allclose(np.asarray(mu), [1.5, -3.0])
+
+
+# Lion's direction read from the new moment: sign(β₁m' + (β₂-β₁)g) = sign(β₂(β₁m + (1-β₁)g)) when
+# 0 < β₁ < β₂ and m is stored in its compute dtype; the literal formula otherwise.
+
+def _literal_lion(b1, b2, g, m):
+    c1, c2 = jnp.float32(b1), jnp.float32(b2)
+    return jnp.sign(c1 * m + (1.0 - c1) * g), c2 * m + (1.0 - c2) * g
+
+
+def _near_cancellation(n, b1, seed):
+    # m and g drawn so that β₁m + (1-β₁)g is often within a few ulps of zero: the only place the
+    # two evaluation orders can disagree.
+    rng = np.random.default_rng(seed)
+    m = rng.normal(size=n).astype(np.float32)
+    g = (-b1 * m.astype(np.float64) / (1 - b1)).astype(np.float32)
+    nudge = rng.integers(-3, 4, size=n).astype(np.float32)
+    g = np.where(rng.random(n) < 0.5, np.nextafter(g, g + nudge), rng.normal(size=n).astype(np.float32))
+    return m, g.astype(np.float32)
+
+
+@pytest.mark.parametrize("b1,b2", [(0.9, 0.99), (0.95, 0.98), (0.5, 0.75), (0.01, 0.02)])
+def test_lion_direction_from_new_momentum_has_the_exact_sign_outside_rounding(b1, b2):
+    m, g = _near_cancellation(200_000, b1, seed=int(b1 * 100))
+    tx = scale_by_lion(b1=b1, b2=b2)
+    u, state = jax.jit(tx.update)(jnp.asarray(g), ScaleByLionState(jnp.asarray(m)))
+    m64, g64 = m.astype(np.float64), g.astype(np.float64)
+    exact = b1 * m64 + (1 - b1) * g64
+    # float32 rounding of either evaluation order stays below this (docs of scale_by_lion)
+    bound = 8 * np.finfo(np.float32).eps * (np.abs(m64) + np.abs(g64)) / b2
+    clear = np.abs(exact) > bound
+    assert clear.mean() > 0.4 and (~clear).sum() > 1000   # both regimes are exercised
+    np.testing.assert_array_equal(np.asarray(u)[clear], np.sign(exact)[clear])
+    # the new moment itself is the literal one, bit for bit (op by op: under jit XLA may contract
+    # β₂m + (1-β₂)g into a fused multiply-add)
+    _, state = tx.update(jnp.asarray(g), ScaleByLionState(jnp.asarray(m)))
+    _, literal_m = _literal_lion(b1, b2, jnp.asarray(g), jnp.asarray(m))
+    np.testing.assert_array_equal(np.asarray(state.mu), np.asarray(literal_m))
+
+
+@pytest.mark.parametrize("b1,b2,mu_dtype,params_dtype", [
+    (0.95, 0.9, None, jnp.float32),        # β₁ > β₂
+    (0.9, 0.9, None, jnp.float32),         # β₁ = β₂: (β₂-β₁)·g would be 0·inf for g = inf
+    (0.0, 0.9, None, jnp.float32),         # β₁ = 0: β₁·m' would be 0·inf for m' = inf
+    (0.9, 0.0, None, jnp.float32),         # β₂ = 0: m' forgets m
+    (0.9, 0.99, "bfloat16", jnp.float32),  # m' is rounded when stored
+    (0.9, 0.99, None, jnp.bfloat16),       # the same, m in the parameters' bfloat16
+])
+def test_lion_literal_formula_where_the_new_moment_cannot_give_the_direction(
+        b1, b2, mu_dtype, params_dtype):
+    m, g = _near_cancellation(20_000, 0.9 if b1 == 0 else b1, seed=3)
+    tx = scale_by_lion(b1=b1, b2=b2, mu_dtype=mu_dtype)
+    state = tx.init(jnp.zeros(g.shape, params_dtype))
+    m = jnp.asarray(m).astype(state.mu.dtype)
+    g = jnp.asarray(g).astype(params_dtype)
+    u, _ = tx.update(g, ScaleByLionState(m))
+    want, _ = _literal_lion(b1, b2, g.astype(jnp.float32), m.astype(jnp.float32))
+    np.testing.assert_array_equal(np.asarray(u, np.float32), np.asarray(want))
+
+
+def test_lion_traced_betas_use_the_literal_formula():
+    m, g = _near_cancellation(20_000, 0.9, seed=4)
+    u = jax.jit(lambda b1, b2: scale_by_lion(b1=b1, b2=b2).update(
+        jnp.asarray(g), ScaleByLionState(jnp.asarray(m)))[0])(jnp.float32(0.9), jnp.float32(0.99))
+    want, _ = _literal_lion(0.9, 0.99, jnp.asarray(g), jnp.asarray(m))
+    np.testing.assert_array_equal(np.asarray(u), np.asarray(want))
+
+
+def test_lion_direction_from_new_momentum_keeps_nonfinite_signs():
+    inf, nan = np.inf, np.nan
+    m = jnp.array([0.5, 0.5, inf, inf, -inf, 1.0, nan, 0.0, 0.0, -0.0], jnp.float32)
+    g = jnp.array([inf, -inf, 1.0, -inf, 2.0, nan, 1.0, 0.0, -0.0, -0.0], jnp.float32)
+    u, state = scale_by_lion().update(g, ScaleByLionState(m))
+    want, want_m = _literal_lion(0.9, 0.99, g, m)
+    np.testing.assert_array_equal(np.asarray(u), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(state.mu), np.asarray(want_m))
+
+
+def test_lion_reads_the_old_moment_where_the_compiler_merges_sibling_loops(monkeypatch):
+    # Under gradtx.xla_flags("cpu") the literal formula's two loops (direction, m') both read the
+    # old moment and merge into one; the new-moment order would keep them apart.
+    from gradtx import compiler
+    m, g = (jnp.asarray(x) for x in _near_cancellation(50_000, 0.9, seed=5))
+    want, _ = _literal_lion(0.9, 0.99, g, m)
+    plain, _ = scale_by_lion().update(g, ScaleByLionState(m))
+    assert int(jnp.sum(plain != want)) > 0   # the orders do differ, in the last ulps
+    monkeypatch.setattr(compiler, "_merges_siblings_only", lambda backend: True)
+    merged, _ = scale_by_lion().update(g, ScaleByLionState(m))
+    np.testing.assert_array_equal(np.asarray(merged), np.asarray(want))
