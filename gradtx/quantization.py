@@ -779,8 +779,8 @@ class quantized_state(Transform):
     6.7-12.5% gap between neighbours at every scale, 4.7 decades below the absmax signed, 9.5
     unsigned), whose encoder and decoder are a few integer operations instead of the dynamic
     map's comparisons and selects: on the 2-core CPU the 8-bit step takes about 2x float32's for
-    Adam/AdamW instead of 4-5x, 1.4-1.8x for SGD momentum instead of 3.7x, and 8-bit Lion is
-    faster than float32 Lion (``benchmarks/RESULTS-quantized.md``). Both maps keep the
+    Adam/AdamW instead of 4-5x, 1.5-1.8x for SGD momentum instead of 3.7x, and 1.2-1.3x for Lion
+    instead of 3x (``benchmarks/RESULTS-quantized.md``). Both maps keep the
     examples' final loss within 2% of float32 state with the default stochastic rounding.
 
     **Rounding** (``rounding``, default ``"stochastic"``). ``"nearest"`` stores the code nearest
