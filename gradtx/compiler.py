@@ -63,16 +63,18 @@ def compiler_options(backend: str | None = None) -> dict:
 
     **Why.** Donating params and state lets XLA write the new values into the old buffers. On the
     CPU backend, XLA's default copy insertion cannot prove that an update which still *reads the
-    old value of a state buffer after the new value is computed* -- a moment stored in bfloat16
-    (``mu_dtype``), Lion with ``b1 >= b2`` (``sign(β₁m + (1−β₁)g)`` needs the old ``m`` while
-    ``m`` is overwritten with ``β₂m + (1−β₂)g``; with the default betas gradtx reads the
-    direction from the new ``m``), the clipping and trust-ratio chains in a step that also
-    computes the gradients -- reads it before the in-place write, so it copies the whole donated
-    buffer into a fresh temporary first. ``--xla_cpu_copy_insertion_use_region_analysis`` orders
-    those reads and removes the copies. Measured on this project's 2-core CPU (``benchmarks/``):
-    AdamW with a bfloat16 first moment 23.0 → 15.5 ms, Lion with the old-moment formula on a
-    16M-element leaf 33.8 → 11.6 ms; it changes no result bit (it only decides where buffers
-    live). Optax steps benefit the same way (Optax's Lion always reads the old moment).
+    old value of a state buffer after the new value is computed* -- Lion with ``b1 >= b2`` or a
+    bfloat16 moment (``sign(β₁m + (1−β₁)g)`` needs the old ``m`` while ``m`` is overwritten
+    with ``β₂m + (1−β₂)g``; with the default betas gradtx reads the direction from the new
+    ``m``), AMSGrad's ``max(ν_max, v')`` in bfloat16, Adadelta, the clipping and trust-ratio
+    chains in a step that also computes the gradients -- reads it before the in-place write, so it
+    copies the whole donated buffer into a fresh temporary first. ``--xla_cpu_copy_insertion_use_
+    region_analysis`` orders those reads and removes the copies. Measured on this project's 2-core
+    CPU (``benchmarks/``) before gradtx removed these two cases by construction: AdamW with a
+    bfloat16 first moment 23.0 → 15.5 ms (a bfloat16 moment is now read back as stored,
+    :func:`gradtx.numerics.as_stored`), Lion with the old-moment formula on a 16M-element leaf
+    33.8 → 11.6 ms; it changes no result bit (it only decides where buffers live). Optax steps
+    benefit the same way (Optax's Lion and its ``mu_dtype`` always read the old moment).
 
     Returns a fresh ``dict`` for ``backend`` (``"cpu"``, ``"gpu"``/``"cuda"``/``"rocm"``,
     ``"tpu"``; default ``jax.default_backend()``): ``{"xla_cpu_copy_insertion_use_region_analysis":

@@ -17,7 +17,8 @@ from gradtx import _validate
 
 __all__ = [
     "INT32_MAX", "init_count", "safe_increment", "compute_dtype", "bias_correction", "value_at",
-    "abs_sq", "as_compute", "state_dtype", "hyper", "log_decay", "unshared", "computed_once",
+    "abs_sq", "as_compute", "state_dtype", "as_stored", "hyper", "log_decay", "unshared",
+    "computed_once",
 ]
 
 INT32_MAX = int(np.iinfo(np.int32).max)
@@ -89,6 +90,36 @@ def state_dtype(requested: str | None, leaf: Any) -> jnp.dtype:
         ('bfloat16', 'float32')
     """
     return jnp.dtype(requested) if requested is not None else jnp.result_type(leaf)
+
+
+def as_stored(x: jax.Array, storage_dtype: Any) -> jax.Array:
+    """A new state value ``x`` as the rest of the step reads it: ``bf16(x)`` when it is stored in
+    bfloat16, ``x`` itself (unrounded) for every other storage dtype.
+
+    Every gradtx primitive that keeps a moment computes the new moment in its compute dtype
+    (float32) and stores it in the state's dtype (``mu_dtype``/``nu_dtype``, the parameter's by
+    default). With bfloat16 storage, the update (and any later use in the same step) reads the
+    rounded value, the value the state holds: the moment's buffer is then read after it is
+    written, never recomputed from the old one, so a jitted step with donated state updates it in
+    place (recomputing makes XLA copy the donated buffer first: AdamW with a bfloat16 first moment
+    on a 16M-element leaf 26.1 ms with the copy, Optax's convention, against 13.8 ms), and the
+    update is a function of the saved state. Rounding to bfloat16 keeps float32's exponent range,
+    so it changes only the last bits (relative error ≤ 2⁻⁹). float16 storage is read unrounded:
+    its range would flush a small second moment to zero (its smallest positive value is 6e-8)
+    and the update would divide by ``ε``. Optax's ``mu_dtype`` uses the unrounded
+    moment; torch's for-loop and ``foreach`` optimizers, whose state has the parameters' dtype,
+    update it in that dtype and read it back rounded.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from gradtx import numerics
+        >>> x = jnp.array([1.0 + 2 ** -10], jnp.float32)
+        >>> numerics.as_stored(x, jnp.bfloat16).tolist(), numerics.as_stored(x, jnp.float16).tolist()
+        ([1.0], [1.0009765625])
+    """
+    if jnp.dtype(storage_dtype) == jnp.dtype(jnp.bfloat16) and x.dtype != storage_dtype:
+        return x.astype(storage_dtype).astype(x.dtype)
+    return x
 
 
 def value_at(hyper: Any, count: jax.Array) -> jax.Array:

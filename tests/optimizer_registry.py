@@ -9,8 +9,9 @@ test, add an :class:`Entry` with
 * ``explicit``: a factory taking the same ``kwargs`` and returning the explicit chain of public
   primitives that the alias's docstring names (``alias(**kw) == explicit(**kw)`` by value);
 * capability flags (``needs_params``, ``supports_bf16_convergence``, ``sign_based``, ``factored``)
-  and ``cpu_step_temporaries`` (parameter-sized buffers its compiled CPU step may write besides
-  the outputs; 0 unless the math forces one);
+  and ``cpu_step_temporaries``/``cpu_bf16_step_temporaries`` (parameter-sized buffers its
+  compiled CPU step may write besides the outputs, float32/bfloat16 parameters; 0 unless the
+  math forces one);
 * ``budgets``: per problem, the step budget, the float32 tolerance, the bfloat16 tolerance (``None``
   when not expected to converge in bfloat16) and per-problem overrides of ``kwargs``.
 
@@ -137,6 +138,10 @@ class Entry:
     # step of one matrix leaf (temporaries and copies; each costs a pass and fresh-page faults).
     # Nonzero only where the math forces it; the reason is given at the entry.
     cpu_step_temporaries: int = 0
+    # The same for bfloat16 parameters (bfloat16 state by default), counting bfloat16 buffers: a
+    # moment stored in bfloat16 is read back as stored (numerics.as_stored), so no state primitive
+    # copies its donated moment; nonzero only where the entry says why.
+    cpu_bf16_step_temporaries: int = 0
 
     def config(self, problem: str | None = None) -> dict:
         kw = dict(self.kwargs)
@@ -195,7 +200,8 @@ ENTRIES: list[Entry] = [
                                            g.scale_by_learning_rate(learning_rate)),
         {"quadratic": _b(3000, 1e-3, 0.05),
          "rosenbrock": _b(5000, 1e-2, None, learning_rate=ExponentialDecay(1.0, 0.9995))},
-        cpu_step_temporaries=1),   # √(x + ε) of the old x, which the step overwrites
+        cpu_step_temporaries=1,    # √(x + ε) of the old x, which the step overwrites
+        cpu_bf16_step_temporaries=1),   # there a copy of x: the update reads the old x
     Entry(
         "rmsprop", g.rmsprop, dict(learning_rate=ExponentialDecay(0.01, 0.999)),
         lambda learning_rate: g.chain(g.scale_by_rms(decay=0.9, eps_in_sqrt=True),
@@ -235,7 +241,8 @@ ENTRIES: list[Entry] = [
         "amsgrad", g.amsgrad, dict(learning_rate=0.1),
         lambda learning_rate: g.chain(g.scale_by_adam(amsgrad=True),
                                       g.scale_by_learning_rate(learning_rate)),
-        {"quadratic": _b(1000, 1e-3, 0.1), "rosenbrock": _b(3000, 5e-3, 0.1)}),
+        {"quadratic": _b(1000, 1e-3, 0.1), "rosenbrock": _b(3000, 5e-3, 0.1)},
+        cpu_bf16_step_temporaries=1),   # bf16: a copy of ν_max, max(ν_max, v') recomputed
     Entry(
         "radam", g.radam, dict(learning_rate=0.03),
         lambda learning_rate: g.chain(g.scale_by_radam(), g.scale_by_learning_rate(learning_rate)),
@@ -254,7 +261,8 @@ ENTRIES: list[Entry] = [
             g.scale_by_adam(eps=1e-6), g.add_decoupled_weight_decay(weight_decay),
             g.scale_by_trust_ratio(), g.scale_by_learning_rate(learning_rate)),
         {"quadratic": _b(3000, 2e-3, 0.05), "rosenbrock": _b(3000, 5e-3, 0.05)},
-        needs_params=True),   # ‖u‖ is recomputed from the new moments (chain replay): no temporary
+        needs_params=True,    # ‖u‖ is recomputed from the new moments (chain replay): no temporary
+        cpu_bf16_step_temporaries=1),   # bf16: the direction, read by ‖u‖ and the update
     Entry(
         "lars", g.lars, dict(learning_rate=ExponentialDecay(1.0, 0.998), trust_coefficient=0.01),
         lambda learning_rate, trust_coefficient: g.chain(
@@ -268,7 +276,8 @@ ENTRIES: list[Entry] = [
             g.scale_by_lion(), g.add_decoupled_weight_decay(weight_decay),
             g.scale_by_learning_rate(learning_rate)),
         {"quadratic": _b(3000, 2e-3, 0.05), "rosenbrock": _b(3000, 5e-3, 0.1)},
-        needs_params=True, sign_based=True),   # no copy of m: the direction reads the new m
+        needs_params=True, sign_based=True,    # no copy of m: the direction reads the new m
+        cpu_bf16_step_temporaries=1),   # bf16 m is rounded: the direction reads the old m
     Entry(
         "sign_sgd", g.sign_sgd, dict(learning_rate=ExponentialDecay(0.01, 0.999)),
         lambda learning_rate: g.chain(g.scale_by_sign(), g.scale_by_learning_rate(learning_rate)),
@@ -335,7 +344,8 @@ ENTRIES += [
         clipped_adamw_explicit,
         {"quadratic": _b(1000, 2e-3, 0.1),
          "rosenbrock": _b(3000, 2e-2, 0.1, learning_rate=ExponentialDecay(0.1, 0.999))},
-        needs_params=True),
+        needs_params=True,
+        cpu_bf16_step_temporaries=1),   # bf16: the clipped gradient, read by both moments
     Entry(
         "partition_lamb_adam", lamb_for_matrices,
         dict(learning_rate=ExponentialDecay(0.1, 0.998), vector_learning_rate=0.1),
@@ -343,7 +353,8 @@ ENTRIES += [
         {"quadratic": _b(2000, 2e-3, 0.1, learning_rate=ExponentialDecay(0.1, 0.997),
                          vector_learning_rate=ExponentialDecay(0.1, 0.998)),
          "rosenbrock": _b(3000, 2e-3, 0.05, vector_learning_rate=ExponentialDecay(0.1, 0.999))},
-        needs_params=True),
+        needs_params=True,
+        cpu_bf16_step_temporaries=1),   # bf16: LAMB's direction, as in "lamb"
     Entry(
         "named_masked_momentum", masked_decay_momentum, dict(learning_rate=0.05, weight_decay=1e-5),
         masked_decay_momentum,

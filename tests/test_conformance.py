@@ -423,13 +423,17 @@ def test_equal_shaped_leaves_share_no_temporary(entry):
 
 
 @by_entry
-def test_bfloat16_cpu_step_writes_no_float32_conversion(entry):
+def test_bfloat16_cpu_step_converts_once_and_updates_moments_in_place(entry):
     # With bfloat16 parameters every use of a gradient or parameter converts it to float32 in
     # its own loop: a conversion shared by a reduction and another loop would be materialised as
     # a float32 array, twice the leaf's bytes. Only the float32 temporaries the math forces remain.
-    # (bfloat16 copies of donated moments are a different matter: gradtx.compiler_options().)
+    # The state is bfloat16 too, and the update reads each new moment as stored
+    # (numerics.as_stored): recomputing the unrounded moment from the old one instead would make
+    # XLA copy every donated moment buffer first.
     if jax.default_backend() != "cpu":
         pytest.skip("the expected counts describe XLA's CPU backend")
     text = donated_step_text(entry.make(), _MATRIX, jnp.bfloat16)
     found = full_size_temporaries(text, _MATRIX, "f32")
     assert len(found) <= entry.cpu_step_temporaries, "\n".join(found)
+    found = full_size_temporaries(text, _MATRIX, "bf16")
+    assert len(found) == entry.cpu_bf16_step_temporaries, "\n".join(found)

@@ -75,7 +75,11 @@ def _assert_steps_bit_identical(tx, fast, ref, dtype):
 
 
 def _belief_reference(b1, b2, eps, eps_root):
-    """AdaBelief exactly as documented, with the scalar ``eps_root`` added the plain way."""
+    """AdaBelief exactly as documented, with the scalar ``eps_root`` added the plain way; a
+    bfloat16 moment is read back as stored (the rounding written out, not numerics.as_stored)."""
+
+    def stored(x, dtype):
+        return x.astype(dtype).astype(x.dtype) if dtype == jnp.bfloat16 else x
 
     def step(grads, state):
         count = numerics.safe_increment(state.count)
@@ -85,9 +89,10 @@ def _belief_reference(b1, b2, eps, eps_root):
         def one(g, m, s):
             gc = g.astype(jnp.float32)
             c1, c2 = numerics.hyper(b1), numerics.hyper(b2)
-            m_new = c1 * m.astype(jnp.float32) + (1 - c1) * gc
+            m_new = stored(c1 * m.astype(jnp.float32) + (1 - c1) * gc, m.dtype)
             d = gc - m_new
-            s_new = c2 * s.astype(jnp.float32) + (1 - c2) * (d * d) + numerics.hyper(eps_root)
+            s_new = stored(c2 * s.astype(jnp.float32) + (1 - c2) * (d * d)
+                           + numerics.hyper(eps_root), s.dtype)
             den = jnp.sqrt(s_new / bc2) + numerics.hyper(eps)
             u = m_new / (bc1 * den)
             return u.astype(g.dtype), m_new.astype(m.dtype), s_new.astype(s.dtype)

@@ -194,6 +194,8 @@ class scale_by_adam(Transform):
                 # moments back from their buffers instead of recomputing them from the old state
                 m_new = numerics.computed_once(m_new, count)
                 v_new = numerics.computed_once(v_new, count)
+            m_new = numerics.as_stored(m_new, m.dtype)
+            v_new = numerics.as_stored(v_new, v.dtype)
             v_stored = v_new.astype(v.dtype)
             if self.amsgrad:
                 v_max_stored = jnp.maximum(v_max[0], v_stored)
@@ -310,9 +312,9 @@ class scale_by_adamax(Transform):
         def one(g, m, n):
             gc, cd, rd = _compute(g)
             b1 = h("b1", cd)
-            m_new = b1 * _load(m, cd) + (1 - b1) * gc
-            n_new = jnp.maximum(h("b2", rd) * _load(n, rd),
-                                jnp.abs(gc) + h("eps", rd))
+            m_new = numerics.as_stored(b1 * _load(m, cd) + (1 - b1) * gc, m.dtype)
+            n_new = numerics.as_stored(jnp.maximum(h("b2", rd) * _load(n, rd),
+                                                   jnp.abs(gc) + h("eps", rd)), n.dtype)
             u = _divide(m_new, bc1.astype(rd) * n_new)
             return u.astype(g.dtype), m_new.astype(m.dtype), n_new.astype(n.dtype)
 
@@ -423,8 +425,8 @@ class scale_by_radam(Transform):
         def one(g, m, v):
             gc, cd, rd = _compute(g)
             b1, b2 = h("b1", cd), h("b2", rd)
-            m_new = b1 * _load(m, cd) + (1 - b1) * gc
-            v_new = b2 * _load(v, rd) + (1 - b2) * numerics.abs_sq(gc)
+            m_new = numerics.as_stored(b1 * _load(m, cd) + (1 - b1) * gc, m.dtype)
+            v_new = numerics.as_stored(b2 * _load(v, rd) + (1 - b2) * numerics.abs_sq(gc), v.dtype)
             m_hat = _divide(m_new, bc1.astype(rd))
             scale = rect_factor.astype(rd) / (jnp.sqrt(v_new) + h("eps", rd))
             scale = jnp.where(rectify, scale, jnp.ones((), rd))
@@ -512,9 +514,9 @@ class scale_by_belief(Transform):
         def one(g, m, s):
             gc, cd, rd = _compute(g)
             b1, b2 = h("b1", cd), h("b2", rd)
-            m_new = b1 * _load(m, cd) + (1 - b1) * gc
-            s_new = (b2 * _load(s, rd) + (1 - b2) * numerics.abs_sq(gc - m_new)
-                     + _elementwise(h("eps_root", rd), gc))
+            m_new = numerics.as_stored(b1 * _load(m, cd) + (1 - b1) * gc, m.dtype)
+            s_new = numerics.as_stored(b2 * _load(s, rd) + (1 - b2) * numerics.abs_sq(gc - m_new)
+                                       + _elementwise(h("eps_root", rd), gc), s.dtype)
             den = jnp.sqrt(s_new / bc2.astype(rd)) + h("eps", rd)
             u = _divide(m_new, bc1.astype(rd) * den)
             return u.astype(g.dtype), m_new.astype(m.dtype), s_new.astype(s.dtype)

@@ -151,7 +151,7 @@ class scale_by_rss(Transform):
 
         def one(g, s):
             gc, _, rd = _compute(g)
-            s_new = _load(s, rd) + numerics.abs_sq(gc)
+            s_new = numerics.as_stored(_load(s, rd) + numerics.abs_sq(gc), s.dtype)
             eps = h("eps", rd)
             den = jnp.sqrt(s_new + eps) if self.eps_in_sqrt else jnp.sqrt(s_new) + eps
             return _divide(gc, den).astype(g.dtype), s_new.astype(s.dtype)
@@ -220,7 +220,7 @@ class scale_by_rms(Transform):
         def one(g, v):
             gc, _, rd = _compute(g)
             a = h("decay", rd)
-            v_new = a * _load(v, rd) + (1 - a) * numerics.abs_sq(gc)
+            v_new = numerics.as_stored(a * _load(v, rd) + (1 - a) * numerics.abs_sq(gc), v.dtype)
             den = _rms_denominator(v_new, h("eps", rd), self.eps_in_sqrt)
             return _divide(gc, den).astype(g.dtype), v_new.astype(v.dtype)
 
@@ -284,8 +284,8 @@ class scale_by_stddev(Transform):
         def one(g, m, v):
             gc, cd, rd = _compute(g)
             a, ac = h("decay", rd), h("decay", cd)
-            m_new = ac * _load(m, cd) + (1 - ac) * gc
-            v_new = a * _load(v, rd) + (1 - a) * numerics.abs_sq(gc)
+            m_new = numerics.as_stored(ac * _load(m, cd) + (1 - ac) * gc, m.dtype)
+            v_new = numerics.as_stored(a * _load(v, rd) + (1 - a) * numerics.abs_sq(gc), v.dtype)
             var = jnp.maximum(v_new - numerics.abs_sq(m_new), jnp.zeros((), rd))
             den = _rms_denominator(var, h("eps", rd), self.eps_in_sqrt)
             return (_divide(gc, den).astype(g.dtype), m_new.astype(m.dtype),

@@ -78,7 +78,8 @@ class trace(Transform):
             ct = numerics.compute_dtype(g.dtype)
             g32 = numerics.as_compute(g)
             mu = decay.astype(ct)
-            new_b = jnp.where(first, g32, mu * b.astype(ct) + keep.astype(ct) * g32)
+            new_b = numerics.as_stored(
+                jnp.where(first, g32, mu * b.astype(ct) + keep.astype(ct) * g32), b.dtype)
             out = g32 + mu * new_b if self.nesterov else new_b
             return out.astype(g.dtype), new_b.astype(b.dtype)
 
@@ -129,7 +130,7 @@ class ema(Transform):
         def one(g, m):
             ct = numerics.compute_dtype(g.dtype)
             d = decay.astype(ct)
-            new_m = d * m.astype(ct) + (1.0 - d) * numerics.as_compute(g)
+            new_m = numerics.as_stored(d * m.astype(ct) + (1.0 - d) * numerics.as_compute(g), m.dtype)
             out = new_m / correction.astype(ct) if self.debias else new_m
             return out.astype(g.dtype), new_m.astype(m.dtype)
 

@@ -417,3 +417,29 @@ def test_non_numeric_betas_raise_type_error(value):
         scale_by_adam(b1=value)
     with pytest.raises(TypeError, match="scale_by_adam: amsgrad="):
         scale_by_adam(amsgrad=1)
+
+
+# Moments stored in bfloat16 are read back as stored (numerics.as_stored); float16 ones unrounded.
+
+def _adam_direction(m, v, count, eps=1e-8):
+    bc1, bc2 = 1 - 0.9 ** count, 1 - 0.999 ** count
+    m, v = np.asarray(m, np.float32), np.asarray(v, np.float32)
+    return (m / np.float32(bc1)) / (np.sqrt(v * np.float32(1 / bc2)) + np.float32(eps))
+
+
+@pytest.mark.parametrize("state_dtype", ["bfloat16", "float16"])
+def test_adam_reads_bfloat16_moments_as_stored_and_float16_ones_unrounded(state_dtype):
+    tx = scale_by_adam(mu_dtype=state_dtype, nu_dtype=state_dtype)
+    state = tx.init(jnp.zeros(SHAPE, jnp.float32))
+    for i, g in enumerate(GRADS[:6]):
+        g = jnp.asarray(g, jnp.float32)
+        m_old, v_old = (np.asarray(x, np.float32) for x in (state.mu, state.nu))
+        gn = np.asarray(g)
+        m_exact = np.float32(0.9) * m_old + np.float32(0.1) * gn          # unrounded new moments
+        v_exact = np.float32(0.999) * v_old + np.float32(0.001) * gn * gn
+        u, state = tx.update(g, state)
+        from_stored = _adam_direction(state.mu, state.nu, i + 1)
+        from_exact = _adam_direction(m_exact, v_exact, i + 1)
+        assert np.abs(from_stored - from_exact).max() > 1e-4 * np.abs(from_exact).max()  # differ
+        want = from_stored if state_dtype == "bfloat16" else from_exact
+        np.testing.assert_allclose(np.asarray(u), want, rtol=1e-5, atol=0)
