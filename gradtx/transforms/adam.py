@@ -4,7 +4,9 @@ All keep a first moment ``m`` and a second statistic, bias-correct with the step
 count after this update, ``t >= 1``) and divide. Arithmetic is done in float32 (float64 under x64,
 complex for complex gradients); moments are stored in ``mu_dtype``/``nu_dtype`` (default: the
 parameter's dtype; second moments of complex parameters are real) and updates keep the gradient's
-dtype. Bias corrections ``1 - β^t`` are computed as ``-expm1(t log β)``, so they stay accurate for
+dtype. A moment stored in bfloat16 is read back as stored by the update (and by AdaBelief's second
+statistic); one stored in float16 is used unrounded (:func:`gradtx.numerics.as_stored`; Optax
+always uses the unrounded moment). Bias corrections ``1 - β^t`` are computed as ``-expm1(t log β)``, so they stay accurate for
 β near 1 and at step counts up to the int32 maximum (where the counter saturates).
 
 Complex gradients follow Optax: squares are ``|g|²``. torch views complex tensors as pairs of reals
@@ -216,8 +218,9 @@ class scale_by_adam(Transform):
     def _replayable_update(self, updates, state, params=None, **extra):
         """:meth:`update`, and a function that recomputes its updates, bit for bit, from the
         state it returns (and the gradients, for NAdam) -- ``None`` where that state does not
-        determine them: moments stored in another dtype than they are computed in (the direction
-        uses the unrounded values), or torch's NAdam schedule (its coefficients need the
+        determine them: moments stored in another dtype than they are computed in (float16
+        moments: the direction uses the unrounded values; bfloat16 ones are not replayed either),
+        or torch's NAdam schedule (its coefficients need the
         previous ``mu_product``). With a replay the new moments are kept in their buffers
         (:func:`gradtx.numerics.computed_once`). See :class:`gradtx.chain`."""
         del params, extra

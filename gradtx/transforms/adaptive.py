@@ -4,7 +4,9 @@ Each primitive divides the gradient by a running estimate of its magnitude. They
 counter (none of them bias-corrects). Arithmetic is done in float32 (float64 under x64, complex for
 complex gradients); the state is stored in ``nu_dtype``/``mu_dtype`` (default: the parameter's
 dtype; the real counterpart for second moments of complex parameters) and the updates keep the
-gradient's dtype.
+gradient's dtype. Adagrad's and RMSprop's statistics stored in bfloat16 are read back as stored by
+the update, float16 ones unrounded (:func:`gradtx.numerics.as_stored`); Adadelta uses its
+unrounded values.
 
 Complex gradients are supported: squares are ``|g|² = g·conj(g)`` (Optax's convention). torch
 instead treats a complex tensor as pairs of reals (``view_as_real``), so its statistics are kept

@@ -1,4 +1,8 @@
-"""Momentum primitives: heavy-ball / Nesterov momentum (``trace``) and exponential moving averages."""
+"""Momentum primitives: heavy-ball / Nesterov momentum (``trace``) and exponential moving averages.
+
+An accumulator stored in bfloat16 (``accumulator_dtype``, or bfloat16 parameters) is read back as
+stored by the update; one stored in float16 is used unrounded (:func:`gradtx.numerics.as_stored`).
+"""
 
 from __future__ import annotations
 
