@@ -6,8 +6,9 @@ complex for complex gradients); moments are stored in ``mu_dtype``/``nu_dtype`` 
 parameter's dtype; second moments of complex parameters are real) and updates keep the gradient's
 dtype. A moment stored in bfloat16 is read back as stored by the update (and by AdaBelief's second
 statistic); one stored in float16 is used unrounded (:func:`gradtx.numerics.as_stored`; Optax
-always uses the unrounded moment). Bias corrections ``1 - β^t`` are computed as ``-expm1(t log β)``, so they stay accurate for
-β near 1 and at step counts up to the int32 maximum (where the counter saturates).
+always uses the unrounded moment). Bias corrections ``1 - β^t`` are computed as
+``-expm1(t log β)``, so they stay accurate for β near 1 and at step counts up to the int32 maximum
+(where the counter saturates).
 
 Complex gradients follow Optax: squares are ``|g|²``. torch views complex tensors as pairs of reals
 and keeps separate statistics for the real and imaginary parts.

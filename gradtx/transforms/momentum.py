@@ -134,7 +134,8 @@ class ema(Transform):
         def one(g, m):
             ct = numerics.compute_dtype(g.dtype)
             d = decay.astype(ct)
-            new_m = numerics.as_stored(d * m.astype(ct) + (1.0 - d) * numerics.as_compute(g), m.dtype)
+            new_m = d * m.astype(ct) + (1.0 - d) * numerics.as_compute(g)
+            new_m = numerics.as_stored(new_m, m.dtype)
             out = new_m / correction.astype(ct) if self.debias else new_m
             return out.astype(g.dtype), new_m.astype(m.dtype)
 

@@ -162,8 +162,8 @@ def _near_cancellation(n, b1, seed):
     m = rng.normal(size=n).astype(np.float32)
     g = (-b1 * m.astype(np.float64) / (1 - b1)).astype(np.float32)
     nudge = rng.integers(-3, 4, size=n).astype(np.float32)
-    g = np.where(rng.random(n) < 0.5, np.nextafter(g, g + nudge), rng.normal(size=n).astype(np.float32))
-    return m, g.astype(np.float32)
+    other = rng.normal(size=n).astype(np.float32)
+    return m, np.where(rng.random(n) < 0.5, np.nextafter(g, g + nudge), other)
 
 
 @pytest.mark.parametrize("b1,b2", [(0.9, 0.99), (0.95, 0.98), (0.5, 0.75), (0.01, 0.02)])
