@@ -239,10 +239,13 @@ def computed_once(x: jax.Array, count: jax.Array) -> jax.Array:
     at compile time, so the division stays in the program (a division by a scalar, even a
     run-time one, is rewritten into a multiplication by its reciprocal, which XLA does
     duplicate). ``x / 1`` is ``x`` bit for bit (NaN, ±inf and -0 included) in every real floating
-    dtype, and its derivative is 1. Complex ``x`` is returned as it is (a complex division by
-    ``1 + 0j`` can turn -0 into +0). Used by :class:`gradtx.scale_by_adam` for the moments it
-    stores as computed, so that :class:`gradtx.chain` can take a trust ratio's norm from them
-    (see ``docs/performance.md``). Neither Optax nor torch has an equivalent.
+    dtype, and its derivative is 1. A bfloat16 ``x`` is divided in float32 and rounded back
+    (exact): XLA's CPU backend computes a bfloat16 division in float32 anyway, and given the
+    bfloat16 division it lets the later loops read that float32 quotient, a float32 temporary
+    twice the size of the buffer it was meant to keep in use. Complex ``x`` is returned as it is
+    (a complex division by ``1 + 0j`` can turn -0 into +0). Used by :class:`gradtx.scale_by_adam` for the moments it
+    keeps for a replay, so that :class:`gradtx.chain` can take a trust ratio's norm from them
+    (see ``docs/performance.md``), and for AMSGrad's running maximum in bfloat16. Neither Optax nor torch has an equivalent.
 
     Example:
         >>> import jax.numpy as jnp
@@ -254,6 +257,9 @@ def computed_once(x: jax.Array, count: jax.Array) -> jax.Array:
     """
     if jnp.iscomplexobj(x):
         return x
+    if x.dtype == jnp.bfloat16:
+        wide = x.astype(jnp.float32)
+        return (wide / jnp.where(count < 0, wide, jnp.ones((), wide.dtype))).astype(x.dtype)
     return x / jnp.where(count < 0, x, jnp.ones((), x.dtype))
 
 

@@ -241,8 +241,7 @@ ENTRIES: list[Entry] = [
         "amsgrad", g.amsgrad, dict(learning_rate=0.1),
         lambda learning_rate: g.chain(g.scale_by_adam(amsgrad=True),
                                       g.scale_by_learning_rate(learning_rate)),
-        {"quadratic": _b(1000, 1e-3, 0.1), "rosenbrock": _b(3000, 5e-3, 0.1)},
-        cpu_bf16_step_temporaries=1),   # bf16: a copy of ν_max, max(ν_max, v') recomputed
+        {"quadratic": _b(1000, 1e-3, 0.1), "rosenbrock": _b(3000, 5e-3, 0.1)}),
     Entry(
         "radam", g.radam, dict(learning_rate=0.03),
         lambda learning_rate: g.chain(g.scale_by_radam(), g.scale_by_learning_rate(learning_rate)),
@@ -261,8 +260,8 @@ ENTRIES: list[Entry] = [
             g.scale_by_adam(eps=1e-6), g.add_decoupled_weight_decay(weight_decay),
             g.scale_by_trust_ratio(), g.scale_by_learning_rate(learning_rate)),
         {"quadratic": _b(3000, 2e-3, 0.05), "rosenbrock": _b(3000, 5e-3, 0.05)},
-        needs_params=True,    # ‖u‖ is recomputed from the new moments (chain replay): no temporary
-        cpu_bf16_step_temporaries=1),   # bf16: the direction, read by ‖u‖ and the update
+        # ‖u‖ is recomputed from the new moments (chain replay; bf16 moments too): no temporary
+        needs_params=True),
     Entry(
         "lars", g.lars, dict(learning_rate=ExponentialDecay(1.0, 0.998), trust_coefficient=0.01),
         lambda learning_rate, trust_coefficient: g.chain(
@@ -353,8 +352,7 @@ ENTRIES += [
         {"quadratic": _b(2000, 2e-3, 0.1, learning_rate=ExponentialDecay(0.1, 0.997),
                          vector_learning_rate=ExponentialDecay(0.1, 0.998)),
          "rosenbrock": _b(3000, 2e-3, 0.05, vector_learning_rate=ExponentialDecay(0.1, 0.999))},
-        needs_params=True,
-        cpu_bf16_step_temporaries=1),   # bf16: LAMB's direction, as in "lamb"
+        needs_params=True),
     Entry(
         "named_masked_momentum", masked_decay_momentum, dict(learning_rate=0.05, weight_decay=1e-5),
         masked_decay_momentum,

@@ -260,16 +260,28 @@ _REPLAYED_CHAINS = {
                      gradtx.scale_by_trust_ratio(form="lars", weight_decay=1e-3,
                                                  trust_coefficient=0.01),
                      gradtx.scale_by_learning_rate(0.1), gradtx.trace(decay=0.9)),
+    # moments stored in bfloat16 are read back as stored (numerics.as_stored): the stored state
+    # determines the direction, so it replays too -- with bfloat16 parameters (the moments take
+    # their dtype) and with float32 ones
+    "bf16_params_lamb": lambda: _REPLAYED_CHAINS["lamb"](),
+    "bf16_moments_amsgrad": lambda: (
+        gradtx.scale_by_adam(amsgrad=True, mu_dtype="bfloat16", nu_dtype="bfloat16"),
+        gradtx.add_decoupled_weight_decay(0.1), gradtx.scale_by_trust_ratio()),
 }
 # combinations that cannot replay (the result must not change either)
 _FALLBACK_CHAINS = {
-    "bf16_moments": lambda: (gradtx.scale_by_adam(mu_dtype="bfloat16"), gradtx.scale_by_trust_ratio()),
+    # float16 moments: the direction uses the unrounded values, which the state does not hold
+    "f16_moments": lambda: (gradtx.scale_by_adam(mu_dtype="float16"), gradtx.scale_by_trust_ratio()),
     "decay_schedule": lambda: (gradtx.scale_by_adam(),
                                gradtx.add_decoupled_weight_decay(gradtx.schedules.exponential(1e-2, 0.5)),
                                gradtx.scale_by_trust_ratio()),
     "torch_nadam": lambda: (gradtx.scale_by_adam(nesterov=True, momentum_decay=4e-3),
                             gradtx.scale_by_trust_ratio()),
 }
+
+
+def _param_dtype(name: str):
+    return jnp.bfloat16 if name.startswith("bf16_params") else jnp.float32
 
 
 # one leaf large enough for the recomputed norm (gradtx.transforms.trust_ratio._RECOMPUTE_FROM),
@@ -322,7 +334,7 @@ def test_trust_ratio_with_replayed_norm_matches_the_plain_chain(name, jit):
     # and states agree bit for bit eagerly (the same operations on the same values), and to
     # float32 rounding under jit, NaN and inf included
     members = {**_REPLAYED_CHAINS, **_FALLBACK_CHAINS}[name]()
-    dtype = jnp.bfloat16 if name == "bf16_moments" else jnp.float32
+    dtype = _param_dtype(name)
     replayed = _run_steps(gradtx.chain(*members), dtype, jit)
     plain = _run_steps(_nested(*members), dtype, jit)
     _assert_trajectories_agree(replayed, plain, exact=not jit)
@@ -347,17 +359,21 @@ def test_replayed_trust_ratio_step_writes_no_temporary(name):
     # scalars through a per-leaf barrier). The nested chain shows the detector sees the direction.
     if jax.default_backend() != "cpu":
         pytest.skip("describes XLA's CPU backend")
-    params = _tree(jax.random.PRNGKey(0), jnp.float32, shapes=_EQUAL_SHAPES)
-    grads = _tree(jax.random.PRNGKey(1), jnp.float32, 0.01, _EQUAL_SHAPES)
+    dtype = _param_dtype(name)
+    params = _tree(jax.random.PRNGKey(0), dtype, shapes=_EQUAL_SHAPES)
+    grads = _tree(jax.random.PRNGKey(1), dtype, 0.01, _EQUAL_SHAPES)
     members = _REPLAYED_CHAINS[name]()
     text = compiled_step_text(gradtx.chain(*members), params, grads)
     matrices = [(256, 256), (128, 512)]
-    temps = [t for shape in matrices for t in full_size_temporaries(text, shape)]
-    assert temps == [], "parameter-sized temporaries:\n" + "\n".join(temps)
+
+    def temporaries(hlo):
+        return [t for shape in matrices for hlo_dtype in ("f32", "bf16")
+                for t in full_size_temporaries(hlo, shape, hlo_dtype)]
+
+    assert temporaries(text) == [], "parameter-sized temporaries:\n" + "\n".join(temporaries(text))
     assert array_copies(text) == []
     if name != "lars":    # LARS's direction g + λp is cheap: XLA recomputes it either way
-        nested = compiled_step_text(_nested(*members), params, grads)
-        assert any(full_size_temporaries(nested, shape) for shape in matrices)
+        assert temporaries(compiled_step_text(_nested(*members), params, grads))
 
 
 def test_small_leaves_take_the_norm_from_the_updates():

@@ -53,6 +53,13 @@ def _check_eps_pair(owner: str, eps, eps_root):
 # --------------------------------------------------------------------------------------------
 # Adam / AMSGrad / NAdam
 
+def _read_back(x: jax.Array, storage_dtype, count: jax.Array) -> jax.Array:
+    """``x`` (a new moment, already as stored) read back from its state buffer by every later
+    loop: :func:`gradtx.numerics.computed_once` on the stored value, so a bfloat16 moment's buffer
+    is what the later loops read, not a float32 temporary."""
+    return _load(numerics.computed_once(x.astype(storage_dtype), count), x.dtype)
+
+
 class ScaleByAdamState(NamedTuple):
     """State of :class:`scale_by_adam`.
 
@@ -192,16 +199,21 @@ class scale_by_adam(Transform):
             b1, b2 = h("b1", cd), h("b2", rd)
             m_new = b1 * _load(m, cd) + (1 - b1) * gc
             v_new = b2 * _load(v, rd) + (1 - b2) * numerics.abs_sq(gc)
+            m_new = numerics.as_stored(m_new, m.dtype)
+            v_new = numerics.as_stored(v_new, v.dtype)
             if keep_moments:
                 # every later loop (the parameter update, a trust ratio's norm) reads the new
                 # moments back from their buffers instead of recomputing them from the old state
-                m_new = numerics.computed_once(m_new, count)
-                v_new = numerics.computed_once(v_new, count)
-            m_new = numerics.as_stored(m_new, m.dtype)
-            v_new = numerics.as_stored(v_new, v.dtype)
+                m_new = _read_back(m_new, m.dtype, count)
+                v_new = _read_back(v_new, v.dtype, count)
             v_stored = v_new.astype(v.dtype)
             if self.amsgrad:
                 v_max_stored = jnp.maximum(v_max[0], v_stored)
+                if v_max_stored.dtype == jnp.bfloat16:
+                    # the update reads the new maximum from its buffer: recomputed (XLA
+                    # duplicates a cheap bfloat16 max into the update's loop), it would read
+                    # the old ν_max after the in-place write, and XLA would copy the buffer
+                    v_max_stored = numerics.computed_once(v_max_stored, count)
                 v_used = _load(v_max_stored, rd)
             else:
                 v_used = v_new
@@ -219,24 +231,25 @@ class scale_by_adam(Transform):
     def _replayable_update(self, updates, state, params=None, **extra):
         """:meth:`update`, and a function that recomputes its updates, bit for bit, from the
         state it returns (and the gradients, for NAdam) -- ``None`` where that state does not
-        determine them: moments stored in another dtype than they are computed in (float16
-        moments: the direction uses the unrounded values; bfloat16 ones are not replayed either),
-        or torch's NAdam schedule (its coefficients need the
-        previous ``mu_product``). With a replay the new moments are kept in their buffers
+        determine them: moments stored in float16 (the direction uses the unrounded values;
+        bfloat16 moments are read back as stored, so they replay), or torch's NAdam schedule
+        (its coefficients need the previous ``mu_product``). With a replay the new moments are kept in their buffers
         (:func:`gradtx.numerics.computed_once`). See :class:`gradtx.chain`."""
         del params, extra
-        replayable = self._stored_as_computed(updates, state)
+        replayable = self._read_as_stored(updates, state)
         updates, new_state = self._update(updates, state, keep_moments=replayable)
         return updates, new_state, (self._replay if replayable else None)
 
-    def _stored_as_computed(self, updates, state) -> bool:
-        """Whether every moment is stored in the dtype it is computed in (and no NAdam schedule)."""
+    def _read_as_stored(self, updates, state) -> bool:
+        """Whether the direction reads every moment as its state stores it (and no NAdam
+        schedule): moments stored in the dtype they are computed in, or in bfloat16
+        (:func:`gradtx.numerics.as_stored`), not in float16."""
         if self.momentum_decay is not None:
             return False
         seconds = (state.nu,) + ((state.nu_max,) if self.amsgrad else ())
         for g, m, *vs in zip(*map(jax.tree.leaves, (updates, state.mu) + seconds)):
             _, cd, rd = _compute(g)
-            if m.dtype != cd or any(v.dtype != rd for v in vs):
+            if any(x.dtype not in (want, jnp.bfloat16) for x, want in ((m, cd), *((v, rd) for v in vs))):
                 return False
         return True
 
@@ -253,9 +266,9 @@ class scale_by_adam(Transform):
             # broadcast shared by the reductions of equal-shaped leaves would be materialised
             g, m, v, c_m, c_g, bc2, eps, eps_root = numerics.unshared((g, m, v, *scalars))
             h = {"eps": eps, "eps_root": eps_root}
-            gc, _, _ = _compute(g)
+            gc, cd, rd = _compute(g)
             return self._direction(lambda name, dtype: h[name].astype(dtype), bc2, c_m, c_g, gc,
-                                   m, v).astype(g.dtype)
+                                   _load(m, cd), _load(v, rd)).astype(g.dtype)
 
         v_used = new_state.nu_max if self.amsgrad else new_state.nu
         return map_leaves(self.name, one, updates, new_state.mu, v_used, names=("mu", "nu"))
