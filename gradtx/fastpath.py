@@ -11,7 +11,13 @@ it runs on the concatenation of all leaves of each dtype instead::
     updates      = flat updates split back into the tree (slices + reshapes)
 
 The inner state is kept flat: its moments are one 1-D array per dtype (``{"float32": ...,
-"bfloat16": ...}``), so the optimizer state has ``O(#dtypes)`` leaves instead of ``O(#leaves)``.
+"bfloat16": ...}``), so the optimizer state has ``O(#dtypes)`` arrays instead of ``O(#leaves)``,
+plus one int32 scalar per leaf, the position where the leaf starts in its dtype's buffer
+(:class:`FlattenState`). The split cuts each leaf's piece out at that run-time position rather than
+at a constant one, because XLA's CPU compiler compiles every *distinct* fused computation on its
+own: with constant positions every leaf's parameter update was a computation of its own, and
+1,000 leaves of 64×64 compiled in ~12 s; read from the state, the positions leave the updates of
+same-shaped leaves one shared computation (~1.5 s, a third of the plain tree step's compile time).
 The parameters and gradients are still trees at the jit boundary (passing ``n`` arrays into the
 compiled step still costs per leaf), and the concatenation and the split are extra passes over the
 gradients (and the parameters, for transforms that read them) that XLA fuses into neighbouring loops
@@ -73,9 +79,20 @@ _TREE_SPEC_FIELDS = ("mask", "labels")
 
 
 class FlattenState(NamedTuple):
-    """State of :class:`flatten`: the inner transform's state over the flat per-dtype buffers."""
+    """State of :class:`flatten`.
+
+    ``inner_state``: the inner transform's state over the flat per-dtype buffers. ``offsets``: one
+    int32 scalar per parameter leaf (in the order of ``jax.tree.leaves``), the position where the
+    leaf starts in its dtype's buffer, set by ``init``; ``None`` for the leaves of a dtype whose
+    buffer has more elements than int32 can index (those are cut at constant positions). The
+    update cuts each leaf's piece out at this run-time position: XLA's CPU compiler compiles
+    every *distinct* fused computation on its own (~10 ms each), and a piece cut at a constant
+    position makes every leaf's parameter update distinct, while pieces cut at positions read
+    from buffers share one computation (1,000 leaves of 64×64: compile 8 s -> 1 s).
+    """
 
     inner_state: Any
+    offsets: Any
 
 
 def _is_whole_tree_spec(value) -> bool:
@@ -144,15 +161,36 @@ def _concat(leaves, groups) -> dict:
     return flat
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _split(buf, shapes):
-    """``buf`` (1-D) cut into consecutive pieces of the given ``shapes``: the inverse of
-    :func:`_ravel_and_join`, jitted for the same reason."""
-    pieces, offset = [], 0
-    for shape in shapes:
+_MAX_INDEXED = int(jnp.iinfo(jnp.int32).max)
+
+
+def _starts(leaves, groups) -> list:
+    """Each leaf's start in its dtype's buffer (``None`` in a buffer too long for int32
+    positions), in the order of ``leaves``."""
+    starts = [None] * len(leaves)
+    for idx in groups.values():
+        indexed = sum(_size(leaves[i]) for i in idx) <= _MAX_INDEXED
+        start = 0
+        for i in idx:
+            starts[i] = start if indexed else None
+            start += _size(leaves[i])
+    return starts
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _split(buf, offsets, shapes):
+    """``buf`` (1-D) cut into consecutive pieces of the given ``shapes``, each starting at its
+    entry of ``offsets`` (a run-time int32 scalar; ``None``: the position the shapes before it
+    give, as a constant): the inverse of :func:`_ravel_and_join`, jitted for the same reason."""
+    pieces, start = [], 0
+    for offset, shape in zip(offsets, shapes):
         n = math.prod(shape)
-        pieces.append(jnp.reshape(jax.lax.slice_in_dim(buf, offset, offset + n), shape))
-        offset += n
+        if offset is None:
+            piece = jax.lax.slice_in_dim(buf, start, start + n)
+        else:
+            piece = jax.lax.dynamic_slice_in_dim(buf, offset, n, allow_negative_indices=False)
+        pieces.append(jnp.reshape(piece, shape))
+        start += n
     return pieces
 
 
@@ -171,16 +209,16 @@ class flatten(Transform):
 
     ``flatten(inner)`` has the math of ``inner`` -- for elementwise transforms the same operations
     on the same values (bit-identical op by op, within the last bit under ``jit``) -- but its state
-    holds one array per dtype (per moment) instead of one per parameter leaf: a third of the
-    fusions and no per-leaf state. Measured on a 2-core CPU (AdamW, 64×64 leaves,
-    ``benchmarks/RESULTS-leaves-8bit.md``): the donated step is 16.7 ms against the plain path's
-    21.6 ms at 1,000 leaves but 108 against 93 ms at 3,000, and compilation is *slower* than the
-    plain path from about 300 leaves on (XLA's CPU compiler is slow on many-operand concatenates and
-    slices), so measure before adopting it for compile time.
+    holds one array per dtype (per moment) instead of one per parameter leaf (and one int32
+    position scalar per leaf): a third of the fusions. Measured on a 2-core CPU (AdamW, 64×64
+    leaves, ``benchmarks/RESULTS-leaves-8bit.md``, Optax's AdamW in the same run): trace + compile
+    0.33-0.34x Optax's at 1,000 and 3,000 leaves (the plain tree path is on par with Optax); the
+    donated step 0.86-0.92x, where the cost of passing each parameter and gradient into the
+    compiled step dominates. On big leaves the concatenation and the split cost more than they save.
     ``inner`` must be elementwise (see :mod:`gradtx.fastpath`): per-leaf-norm transforms (LAMB,
     LARS, Adafactor, block-RMS clipping, AGC) and tree masks/labels inside ``inner`` raise
-    ``ValueError`` here. State: :class:`FlattenState` ``(inner_state)``, where ``inner_state`` is
-    ``inner``'s state over ``{dtype name: 1-D buffer}``. Extra ``update`` keyword arguments are
+    ``ValueError`` here. State: :class:`FlattenState` ``(inner_state, offsets)``, where
+    ``inner_state`` is ``inner``'s state over ``{dtype name: 1-D buffer}``. Extra ``update`` keyword arguments are
     forwarded to ``inner``. Optax: ``optax.flatten`` is the closest (one buffer for all dtypes); torch:
     the multi-tensor (``foreach``/``fused``) optimizers.
 
@@ -214,7 +252,27 @@ class flatten(Transform):
 
     def init(self, params):
         leaves = jax.tree.leaves(params)
-        return FlattenState(self.inner.init(_concat(leaves, _group(leaves))))
+        groups = _group(leaves)
+        offsets = tuple(None if start is None else jnp.asarray(start, jnp.int32)
+                        for start in _starts(leaves, groups))
+        return FlattenState(self.inner.init(_concat(leaves, groups)), offsets)
+
+    def _check_offsets(self, offsets, leaves, groups) -> None:
+        """``offsets`` must be what ``init`` gives for these leaves: a tuple with one entry per
+        leaf, an int32 scalar or, in a buffer too long for int32 positions, ``None``."""
+        expected = _starts(leaves, groups)
+        if (isinstance(offsets, tuple) and len(offsets) == len(expected)
+                and all((o is None) == (e is None) for o, e in zip(offsets, expected))
+                and all(jnp.shape(o) == () and jnp.result_type(o) == jnp.int32
+                        for o in offsets if o is not None)):
+            return
+        held = f"{len(offsets)} entries" if isinstance(offsets, tuple) else \
+            f"a {type(offsets).__name__}"
+        raise TreeMismatchError(
+            f"flatten: state.offsets holds {held} for {len(leaves)} parameter leaves; it must be "
+            f"a tuple of one int32 scalar per leaf (each leaf's start in its dtype's buffer), as "
+            f"flatten.init builds it. Build the state with init of the same parameters (a "
+            f"state saved before offsets existed lacks them: take them from a fresh init).")
 
     def update(self, updates, state, params=None, **extra):
         leaves, treedef = jax.tree.flatten(updates)
@@ -241,6 +299,7 @@ class flatten(Transform):
             raise TreeMismatchError(
                 f"flatten: {self.inner!r} returned updates that are not one buffer per dtype "
                 f"({sorted(groups)}); the inner transform must be elementwise.")
+        self._check_offsets(state.offsets, leaves, groups)
         out = [None] * len(leaves)
         for name, idx in groups.items():
             buf = flat_updates[name]
@@ -250,7 +309,8 @@ class flatten(Transform):
                     f"flatten: the {name} updates have {total} elements in total but the inner "
                     f"transform returned a buffer of shape {jnp.shape(buf)}; was the state "
                     f"initialised with different parameters?")
-            pieces = _split(buf, tuple(tuple(jnp.shape(leaves[i])) for i in idx))
+            pieces = _split(buf, tuple(state.offsets[i] for i in idx),
+                            tuple(tuple(jnp.shape(leaves[i])) for i in idx))
             for i, piece in zip(idx, pieces):
                 out[i] = piece
-        return treedef.unflatten(out), FlattenState(inner_state)
+        return treedef.unflatten(out), FlattenState(inner_state, state.offsets)
