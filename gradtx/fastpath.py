@@ -17,7 +17,8 @@ plus one int32 scalar per leaf, the position where the leaf starts in its dtype'
 at a constant one, because XLA's CPU compiler compiles every *distinct* fused computation on its
 own: with constant positions every leaf's parameter update was a computation of its own, and
 1,000 leaves of 64×64 compiled in ~12 s; read from the state, the positions leave the updates of
-same-shaped leaves one shared computation (~1.5 s, a third of the plain tree step's compile time).
+same-shaped leaves one shared computation (~2 s, about a third of the plain tree step's compile
+time). Passing those scalars into the step costs ~2-3 µs each per step on CPU.
 The parameters and gradients are still trees at the jit boundary (passing ``n`` arrays into the
 compiled step still costs per leaf), and the concatenation and the split are extra passes over the
 gradients (and the parameters, for transforms that read them) that XLA fuses into neighbouring loops
@@ -212,9 +213,14 @@ class flatten(Transform):
     holds one array per dtype (per moment) instead of one per parameter leaf (and one int32
     position scalar per leaf): a third of the fusions. Measured on a 2-core CPU (AdamW, 64×64
     leaves, ``benchmarks/RESULTS-leaves-8bit.md``, Optax's AdamW in the same run): trace + compile
-    0.33-0.34x Optax's at 1,000 and 3,000 leaves (the plain tree path is on par with Optax); the
-    donated step 0.86-0.92x, where the cost of passing each parameter and gradient into the
-    compiled step dominates. On big leaves the concatenation and the split cost more than they save.
+    0.36x Optax's at 1,000 and 3,000 leaves (1.9 s and 10.3 s; the plain tree path is on par with
+    Optax), and 8-bit state ``flatten(quantized_state(adamw))`` 2.0 s and 10.5 s (the per-leaf
+    8-bit path ran out of 24 GB of compiler memory at 1,000 leaves). The step is no faster than
+    the plain tree path's (0.90-0.96x Optax's; the plain path 0.94-0.99x): passing each parameter,
+    gradient and position into the compiled step costs more than the loops it saves, and the
+    position scalars add ~2-3 µs per leaf (A/B at 1,000 leaves: 19.9 ms against 17.7 with
+    constant positions, which compiled in 9.8 s instead of 2.0). On big leaves the concatenation
+    and the split cost more than they save.
     ``inner`` must be elementwise (see :mod:`gradtx.fastpath`): per-leaf-norm transforms (LAMB,
     LARS, Adafactor, block-RMS clipping, AGC) and tree masks/labels inside ``inner`` raise
     ``ValueError`` here. State: :class:`FlattenState` ``(inner_state, offsets)``, where
