@@ -89,7 +89,8 @@ class FlattenState(NamedTuple):
     update cuts each leaf's piece out at this run-time position: XLA's CPU compiler compiles
     every *distinct* fused computation on its own (~10 ms each), and a piece cut at a constant
     position makes every leaf's parameter update distinct, while pieces cut at positions read
-    from buffers share one computation (1,000 leaves of 64×64: compile 8 s -> 1 s).
+    from buffers share one computation (``flatten(adamw)`` over 1,000 leaves of 64×64 compiles
+    in ~2 s instead of ~10 s).
     """
 
     inner_state: Any
@@ -224,9 +225,9 @@ class flatten(Transform):
     ``inner`` must be elementwise (see :mod:`gradtx.fastpath`): per-leaf-norm transforms (LAMB,
     LARS, Adafactor, block-RMS clipping, AGC) and tree masks/labels inside ``inner`` raise
     ``ValueError`` here. State: :class:`FlattenState` ``(inner_state, offsets)``, where
-    ``inner_state`` is ``inner``'s state over ``{dtype name: 1-D buffer}``. Extra ``update`` keyword arguments are
-    forwarded to ``inner``. Optax: ``optax.flatten`` is the closest (one buffer for all dtypes); torch:
-    the multi-tensor (``foreach``/``fused``) optimizers.
+    ``inner_state`` is ``inner``'s state over ``{dtype name: 1-D buffer}``. Extra ``update``
+    keyword arguments are forwarded to ``inner``. Optax: ``optax.flatten`` is the closest (one
+    buffer for all dtypes); torch: the multi-tensor (``foreach``/``fused``) optimizers.
 
     Example:
         >>> import jax, jax.numpy as jnp, gradtx

@@ -243,9 +243,10 @@ def computed_once(x: jax.Array, count: jax.Array) -> jax.Array:
     (exact): XLA's CPU backend computes a bfloat16 division in float32 anyway, and given the
     bfloat16 division it lets the later loops read that float32 quotient, a float32 temporary
     twice the size of the buffer it was meant to keep in use. Complex ``x`` is returned as it is
-    (a complex division by ``1 + 0j`` can turn -0 into +0). Used by :class:`gradtx.scale_by_adam` for the moments it
-    keeps for a replay, so that :class:`gradtx.chain` can take a trust ratio's norm from them
-    (see ``docs/performance.md``), and for AMSGrad's running maximum in bfloat16. Neither Optax nor torch has an equivalent.
+    (a complex division by ``1 + 0j`` can turn -0 into +0). Used by :class:`gradtx.scale_by_adam`
+    for the moments it keeps for a replay, so that :class:`gradtx.chain` can take a trust ratio's
+    norm from them (see ``docs/performance.md``), and for AMSGrad's running maximum in bfloat16.
+    Neither Optax nor torch has an equivalent.
 
     Example:
         >>> import jax.numpy as jnp

@@ -271,7 +271,8 @@ _REPLAYED_CHAINS = {
 # combinations that cannot replay (the result must not change either)
 _FALLBACK_CHAINS = {
     # float16 moments: the direction uses the unrounded values, which the state does not hold
-    "f16_moments": lambda: (gradtx.scale_by_adam(mu_dtype="float16"), gradtx.scale_by_trust_ratio()),
+    "f16_moments": lambda: (gradtx.scale_by_adam(mu_dtype="float16"),
+                            gradtx.scale_by_trust_ratio()),
     "decay_schedule": lambda: (gradtx.scale_by_adam(),
                                gradtx.add_decoupled_weight_decay(gradtx.schedules.exponential(1e-2, 0.5)),
                                gradtx.scale_by_trust_ratio()),

@@ -1,9 +1,10 @@
 """gradtx.flatten: the flattened (one buffer per dtype) path equals the plain path.
 
 Bit-identity of the updates over several steps for elementwise optimizers on random trees of mixed
-shapes and dtypes, O(#dtypes) state arrays (and one offset scalar per leaf), the transform contract (jit, eval_shape, no
-recompilation, hashable), Flax nnx.Optimizer, rejection of per-leaf-norm transforms and tree masks,
-and a structural check of the compiled step (far fewer instructions than the plain path).
+shapes and dtypes, O(#dtypes) state arrays (and one offset scalar per leaf), the transform contract
+(jit, eval_shape, no recompilation, hashable), Flax nnx.Optimizer, rejection of per-leaf-norm
+transforms and tree masks, and structural checks of the compiled step (far fewer instructions than
+the plain path; same-shaped leaves share one computation).
 """
 
 from __future__ import annotations

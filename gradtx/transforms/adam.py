@@ -233,8 +233,8 @@ class scale_by_adam(Transform):
         state it returns (and the gradients, for NAdam) -- ``None`` where that state does not
         determine them: moments stored in float16 (the direction uses the unrounded values;
         bfloat16 moments are read back as stored, so they replay), or torch's NAdam schedule
-        (its coefficients need the previous ``mu_product``). With a replay the new moments are kept in their buffers
-        (:func:`gradtx.numerics.computed_once`). See :class:`gradtx.chain`."""
+        (its coefficients need the previous ``mu_product``). With a replay the new moments are
+        kept in their buffers (:func:`gradtx.numerics.computed_once`). See :class:`gradtx.chain`."""
         del params, extra
         replayable = self._read_as_stored(updates, state)
         updates, new_state = self._update(updates, state, keep_moments=replayable)
@@ -249,7 +249,8 @@ class scale_by_adam(Transform):
         seconds = (state.nu,) + ((state.nu_max,) if self.amsgrad else ())
         for g, m, *vs in zip(*map(jax.tree.leaves, (updates, state.mu) + seconds)):
             _, cd, rd = _compute(g)
-            if any(x.dtype not in (want, jnp.bfloat16) for x, want in ((m, cd), *((v, rd) for v in vs))):
+            moments = ((m, cd),) + tuple((v, rd) for v in vs)
+            if any(x.dtype not in (want, jnp.bfloat16) for x, want in moments):
                 return False
         return True
 
