@@ -273,8 +273,12 @@ class flatten(Transform):
                 and all(jnp.shape(o) == () and jnp.result_type(o) == jnp.int32
                         for o in offsets if o is not None)):
             return
-        held = f"{len(offsets)} entries" if isinstance(offsets, tuple) else \
-            f"a {type(offsets).__name__}"
+        if not isinstance(offsets, tuple):
+            held = f"a {type(offsets).__name__}"
+        elif len(offsets) != len(expected):
+            held = f"{len(offsets)} entries"
+        else:
+            held = "an entry that is not an int32 scalar (or a misplaced None)"
         raise TreeMismatchError(
             f"flatten: state.offsets holds {held} for {len(leaves)} parameter leaves; it must be "
             f"a tuple of one int32 scalar per leaf (each leaf's start in its dtype's buffer), as "
@@ -300,13 +304,13 @@ class flatten(Transform):
                         f"parameter has dtype {_dtype_name(p)}; flatten groups leaves by dtype and "
                         f"needs updates in their parameters' dtypes (cast the gradients first).")
             flat_params = _concat(param_leaves, groups)
+        self._check_offsets(state.offsets, leaves, groups)
         flat_updates, inner_state = call_update(self.inner, _concat(leaves, groups),
                                                 state.inner_state, flat_params, extra)
         if not isinstance(flat_updates, dict) or set(flat_updates) != set(groups):
             raise TreeMismatchError(
                 f"flatten: {self.inner!r} returned updates that are not one buffer per dtype "
                 f"({sorted(groups)}); the inner transform must be elementwise.")
-        self._check_offsets(state.offsets, leaves, groups)
         out = [None] * len(leaves)
         for name, idx in groups.items():
             buf = flat_updates[name]

@@ -290,7 +290,7 @@ def test_same_shaped_leaves_share_their_compiled_split(dtype):
     # Each leaf's piece is cut out of the flat buffer at a position read from the state, not a
     # constant: XLA's CPU compiler compiles every distinct fused computation on its own (~10 ms
     # each), so constant positions made each leaf's parameter update a computation of its own
-    # (1,000 leaves of 64x64 compiled in ~12 s instead of ~1.5 s). With 6 leaves as with 2
+    # (1,000 leaves of 64x64 compiled in ~12 s instead of ~2 s). With 6 leaves as with 2
     # the step holds the same computations.
     tx = flatten(gradtx.adamw(1e-3, weight_decay=0.1))
     assert (same_shaped_step_computations(tx, 6, (16, 8), dtype)
